@@ -1,0 +1,1 @@
+"""Pure flax.linen modules: AsCAN blocks, attention, backbones. No training code lives here."""

@@ -1,0 +1,98 @@
+"""The AsCAN classification backbone (arXiv 2411.04967, section 3.1 and appendix A.1).
+
+stem (two 3x3 convolutions, stride 2 in total) -> four stages of C and T blocks given by a layout
+string (``C-CCCT-CCTT-CTTT``) -> head (1x1 projection to ``embed_dim``, BatchNorm, GELU, global
+average pool, linear classifier). Every stage halves the resolution in its first block, so at
+224x224 the stages run at 56, 28, 14 and 7 pixels.
+
+Widths and depths of AsCAN-T/B/L, and why, are in ``ascan_jax.models.variants``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ascan_jax.models import blocks
+from ascan_jax.models import layout as layout_lib
+from ascan_jax.models import remat as remat_lib
+from ascan_jax.models import variants
+
+VARIANTS = variants.VARIANTS
+
+
+class AsCAN(nn.Module):
+  """Hybrid convolution-attention classifier; ``__call__(images, train)`` -> logits."""
+  layout: str
+  widths: Sequence[int]
+  stem_width: int
+  num_classes: int
+  embed_dim: int = 1280
+  head_dim: int = 32
+  mlp_ratio: int = 4
+  expand_ratio: int = 4
+  se_ratio: float = 0.25
+  drop_path_rate: float = 0.0
+  head_dropout: float = 0.0
+  bn_momentum: float = 0.9
+  train_image_size: int = 224
+  attention_impl: str = "auto"
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+
+  def stages(self) -> tuple[str, ...]:
+    return layout_lib.parse_layout(self.layout, num_stages=len(self.widths))
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False):
+    stages = self.stages()
+    x = images.astype(self.dtype)
+    x = blocks.conv(self.stem_width, 3, 2, dtype=self.dtype, name="stem_conv1")(x)
+    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "stem_bn1")(x))
+    x = blocks.conv(self.stem_width, 3, 1, dtype=self.dtype, name="stem_conv2")(x)
+    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "stem_bn2")(x))
+    x = blocks.constrain(x)
+
+    conv_block = remat_lib.maybe_remat(blocks.ConvBlock, self.remat_policy)
+    attn_block = remat_lib.maybe_remat(blocks.TransformerBlock, self.remat_policy)
+    total = sum(len(s) for s in stages)
+    grid = self.train_image_size // 2
+    block_id = 0
+    features = []
+    for s, (stage, width) in enumerate(zip(stages, self.widths)):
+      grid = max(1, grid // 2)
+      for i, kind in enumerate(stage):
+        rate = self.drop_path_rate * block_id / max(1, total - 1)
+        name = f"stage{s + 1}_block{i + 1}_{kind}"
+        if kind == "C":
+          x = conv_block(width, stride=2 if i == 0 else 1, expand_ratio=self.expand_ratio,
+                         se_ratio=self.se_ratio, drop_path=rate, bn_momentum=self.bn_momentum,
+                         dtype=self.dtype, name=name)(x, train)
+        else:
+          if i == 0:
+            x = blocks.Downsample(width, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                                  name=f"stage{s + 1}_downsample")(x, train)
+          if width % self.head_dim:
+            raise ValueError(f"stage {s + 1} width {width} is not a multiple of head_dim "
+                             f"{self.head_dim}")
+          x = attn_block(width // self.head_dim, self.head_dim, (grid, grid), self.mlp_ratio,
+                         drop_path=rate, attention_impl=self.attention_impl, dtype=self.dtype,
+                         name=name)(x, train)
+        block_id += 1
+      features.append(x)
+
+    x = blocks.conv(self.embed_dim, 1, dtype=self.dtype, name="head_conv")(x)
+    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "head_bn")(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                      name="classifier",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("embed", "classes")),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             ("classes",)))(x)
+    if return_features:
+      return logits, features
+    return logits

@@ -1,0 +1,1 @@
+"""Model summaries (parameters, MACs, memory) and throughput benchmarks."""

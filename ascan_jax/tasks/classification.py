@@ -1,0 +1,154 @@
+"""Image classification with AsCAN: model, loss (label smoothing, mixup/cutmix), top-1/top-5.
+
+Batches arrive as ``{'image': uint8[B,H,W,3], 'label': int32[B], 'mask': float32[B]}``; ``mask``
+is 0 for padding (the last evaluation batch) and for records that could not be decoded, so those
+examples count nowhere. Normalisation and mixup/cutmix run on the device. Mixup and cutmix pair
+each example with its mirror in the *global* batch (``flip``), so the result does not depend on
+how the batch is split over devices or processes.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ascan_jax import compute
+from ascan_jax.models import ascan
+
+MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  return (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
+
+
+def _cutmix_box(key, size: int, lam):
+  """A box covering about (1 - lam) of a size x size image: (mask [size, size], exact lam)."""
+  ky, kx = jax.random.split(key)
+  cut = jnp.sqrt(1.0 - lam)
+  h = jnp.round(size * cut).astype(jnp.int32)
+  cy = jax.random.randint(ky, (), 0, size)
+  cx = jax.random.randint(kx, (), 0, size)
+  y0, y1 = jnp.clip(cy - h // 2, 0, size), jnp.clip(cy + h - h // 2, 0, size)
+  x0, x1 = jnp.clip(cx - h // 2, 0, size), jnp.clip(cx + h - h // 2, 0, size)
+  ys = jnp.arange(size)[:, None]
+  xs = jnp.arange(size)[None, :]
+  box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+  area = (y1 - y0) * (x1 - x0)
+  return box, 1.0 - area / (size * size)
+
+
+def mix_batch(key, images, targets, mask, aug):
+  """Mixup or cutmix (one drawn per batch, as timm does) with the mirrored batch."""
+  use_mixup = aug.mixup_alpha > 0
+  use_cutmix = aug.cutmix_alpha > 0
+  if not (use_mixup or use_cutmix) or aug.mix_prob <= 0:
+    return images, targets
+  k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(key, 5)
+  partner_ok = jnp.flip(mask) > 0
+  flip_images, flip_targets = jnp.flip(images, 0), jnp.flip(targets, 0)
+  lam_mix = jax.random.beta(k_mix, max(aug.mixup_alpha, 1e-3), max(aug.mixup_alpha, 1e-3))
+  lam_cut = jax.random.beta(k_cut, max(aug.cutmix_alpha, 1e-3), max(aug.cutmix_alpha, 1e-3))
+  if use_mixup and use_cutmix:
+    do_cut = jax.random.uniform(k_switch) < aug.cutmix_switch_prob
+  else:
+    do_cut = jnp.asarray(use_cutmix)
+  box, lam_box = _cutmix_box(k_box, images.shape[1], lam_cut)
+  apply = jax.random.uniform(k_apply) < aug.mix_prob
+  lam = jnp.where(do_cut, lam_box, lam_mix)
+  lam = jnp.where(apply, lam, 1.0)
+  per_example = jnp.where(partner_ok, lam, 1.0)  # never mix with padding or a broken record.
+  lam_img = per_example[:, None, None, None]
+  mixed = lam_img * images + (1.0 - lam_img) * flip_images
+  cut_mask = box[None, :, :, None] & partner_ok[:, None, None, None] & apply
+  cut = jnp.where(cut_mask, flip_images, images)
+  images = jnp.where(do_cut, cut, mixed)
+  w = per_example[:, None]
+  return images, w * targets + (1.0 - w) * flip_targets
+
+
+class Task:
+  """The classification task; see the module docstring."""
+  name = "classification"
+  default_metric = "eval/top1"
+
+  def __init__(self, config):
+    self.config = config
+    self.dtype = compute.compute_dtype(config.model.dtype)
+    self.model = self.build_model()
+
+  # ---- model -------------------------------------------------------------------------------
+  def build_model(self, **overrides) -> nn.Module:
+    m = self.config.model
+    kwargs = dict(layout=m.layout, widths=tuple(m.widths), stem_width=m.stem_width,
+                  num_classes=self.config.data.num_classes, embed_dim=m.embed_dim,
+                  head_dim=m.head_dim, mlp_ratio=m.mlp_ratio, expand_ratio=m.expand_ratio,
+                  se_ratio=m.se_ratio, drop_path_rate=m.drop_path_rate,
+                  head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
+                  train_image_size=self.config.data.image_size,
+                  attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype)
+    kwargs.update(overrides)
+    return ascan.AsCAN(**kwargs)
+
+  def input_spec(self, batch_size: int, train: bool = True) -> dict:
+    s = self.config.data.image_size
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+  def synthetic_batch(self, batch_size: int, key) -> dict:
+    s = self.config.data.image_size
+    k1, k2 = jax.random.split(key)
+    return {"image": jax.random.randint(k1, (batch_size, s, s, 3), 0, 256).astype(jnp.uint8),
+            "label": jax.random.randint(k2, (batch_size,), 0, self.config.data.num_classes),
+            "mask": jnp.ones((batch_size,), jnp.float32)}
+
+  def init_variables(self, key):
+    s = self.config.data.image_size
+    return self.model.init({"params": key, "dropout": key}, jnp.zeros((1, s, s, 3), jnp.float32),
+                           train=False)
+
+  def forward(self, variables, batch, model=None):
+    """Inference logits of a batch (used by eval, summary and bench)."""
+    model = model or self.model
+    return model.apply(variables, normalize(batch["image"]), train=False)
+
+  # ---- training ----------------------------------------------------------------------------
+  def loss_fn(self, params, model_state, batch, key):
+    cfg = self.config
+    k_mix, k_drop = jax.random.split(key)
+    mask = batch["mask"]
+    images = normalize(batch["image"])
+    targets = jax.nn.one_hot(batch["label"], cfg.data.num_classes)
+    images, targets = mix_batch(k_mix, images, targets, mask, cfg.augment)
+    eps = cfg.label_smoothing
+    targets = targets * (1.0 - eps) + eps / cfg.data.num_classes
+    logits, new_state = self.model.apply({"params": params, **model_state}, images, train=True,
+                                         rngs={"dropout": k_drop}, mutable=list(model_state))
+    logits = logits.astype(jnp.float32)
+    per_example = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+    denom = jnp.maximum(jnp.sum(mask), 1.0)
+    loss = jnp.sum(per_example * mask) / denom
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask) / denom
+    return loss, (new_state, {"train/accuracy": accuracy})
+
+  # ---- evaluation --------------------------------------------------------------------------
+  def eval_fn(self, params, model_state, batch) -> dict:
+    """Sums over the batch (masked), so batches and processes add up exactly."""
+    logits = self.forward({"params": params, **model_state}, batch).astype(jnp.float32)
+    mask = batch["mask"]
+    label = batch["label"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), label[:, None], -1)[:, 0]
+    return {"correct1": jnp.sum((top5[:, 0] == label) * mask),
+            "correct5": jnp.sum(jnp.any(top5 == label[:, None], -1) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask)}
+
+  @staticmethod
+  def summarize_eval(sums: dict) -> dict:
+    n = max(float(sums["count"]), 1.0)
+    return {"top1": float(sums["correct1"]) / n, "top5": float(sums["correct5"]) / n,
+            "loss": float(sums["loss"]) / n, "examples": int(sums["count"])}

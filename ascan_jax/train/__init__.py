@@ -1,0 +1,1 @@
+"""The generic training loop and what it owns: state, optimizer, step, checkpoints, metrics."""

@@ -1,0 +1,75 @@
+"""The generic jitted train step: gradients (accumulated over micro-batches), AdamW, EMA.
+
+The task supplies ``loss_fn(params, model_state, batch, key) -> (loss, (model_state, metrics))``;
+everything else is task-independent. Randomness is ``fold_in(state.rng, state.step)`` (and the
+micro-batch index), so a resumed run draws exactly the same numbers.
+
+Micro-batches take every ``microbatches``-th example (not contiguous chunks), so each one is
+spread evenly over the data-parallel devices.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ascan_jax.train.state import TrainState
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+  def split(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def ema_update(ema, new, decay: float):
+  if decay <= 0.0:
+    return new
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, new)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
+                    *, microbatches: int = 1, ema_decay: float = 0.0):
+  """``step(state, batch) -> (state, metrics)``, to be jitted by the caller."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(state.key(), state.step)
+    if microbatches == 1:
+      (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, key)
+    else:
+      micro = _split_microbatches(batch, microbatches)
+
+      def body(carry, xs):
+        grad_sum, model_state = carry
+        index, mb = xs
+        (loss, (model_state, metrics)), grads = grad_fn(
+            state.params, model_state, mb, jax.random.fold_in(key, index))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, model_state), (loss, metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, model_state), (losses, metrics) = jax.lax.scan(
+          body, (zeros, state.model_state), (jnp.arange(microbatches), micro))
+      grads = jax.tree.map(lambda g: g / microbatches, grads)
+      loss = jnp.mean(losses)
+      metrics = jax.tree.map(jnp.mean, metrics)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+        ema_params=ema_update(state.ema_params, params, ema_decay),
+        ema_model_state=ema_update(state.ema_model_state, model_state, ema_decay))
+    metrics = dict(metrics)
+    metrics["train/loss"] = loss
+    metrics["train/lr"] = schedule(state.step)
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    return new_state, metrics
+
+  return step

@@ -1,0 +1,1 @@
+"""Runnable experiments: one file per experiment, each with ``get_config(arg=None)``."""

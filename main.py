@@ -1,0 +1,109 @@
+"""ascan_jax entry point: ``python main.py --config=configs/X.py[:arg] --workdir=DIR [--mode=M]``.
+
+Modes: ``train`` (default; resumes from DIR if it holds a checkpoint), ``eval`` (the latest or
+``--config.checkpoint.step``), ``summary`` (parameters, MACs, memory), ``bench`` (throughput,
+MFU), ``sample`` (generative tasks). The config is validated before anything is written: an
+unknown key, a wrong type or an impossible value stops the run with one message naming the key.
+Multi-host: on Cloud TPU and under SLURM the distributed runtime starts by itself; elsewhere pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+"""
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "bench", "sample"],
+                  "What to do.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_string("compilation_cache_dir", os.environ.get("ASCAN_COMPILATION_CACHE", ""),
+                    "Persistent XLA compilation cache directory ('' disables).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns a bad ``--config...`` flag into one line naming the key."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # absl and ml_collections raise several types here.
+    message = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # an error inside get_config().
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    message = " ".join(lines)
+    for arg in argv[1:]:
+      m = re.match(r"--config\.([\w.]+)", arg)
+      if m and f"'{m.group(1).split('.')[-1]}'" in message and not isinstance(
+          e, flags.IllegalFlagValueError):
+        hint = re.search(r'Did you mean "(\w+)"', message)
+        hint = f"; did you mean '{hint.group(1)}'?" if hint else ""
+        _fail(f"config: unknown config key 'config.{m.group(1)}' (from {arg}){hint}")
+    _fail(f"config: {message}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; options are --flag=value")
+  from ascan_jax import config_validation
+  config = FLAGS.config
+  try:  # config_flags defers errors of loading the file until the config is used.
+    config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f"config: could not load {FLAGS['config'].config_filename!r}: "
+          f"{lines[0] if lines else e} {lines[-1] if len(lines) > 1 else ''}".strip())
+  try:  # Keys and types need no devices: fail before starting any runtime.
+    config_validation.check_keys_and_types(config)
+  except config_validation.ConfigError as e:
+    _fail(f"config: {e}")
+
+  from ascan_jax.parallel import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  import jax
+  if FLAGS.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  try:
+    config_validation.check_values(config, num_devices=jax.device_count(),
+                                   num_processes=jax.process_count(), mode=FLAGS.mode)
+  except config_validation.ConfigError as e:
+    _fail(f"config: {e}")
+
+  from ascan_jax import tasks
+  task = tasks.get_task(config)
+  logging.info("task %s, mode %s, %d devices in %d processes", config.task, FLAGS.mode,
+               jax.device_count(), jax.process_count())
+  if FLAGS.mode == "summary":
+    from ascan_jax.perf import summary
+    summary.run(task, config, FLAGS.workdir)
+  elif FLAGS.mode == "bench":
+    from ascan_jax.perf import bench
+    bench.run(task, config, FLAGS.workdir)
+  elif FLAGS.mode == "train":
+    from ascan_jax.train import loop
+    loop.train(task, config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from ascan_jax.train import loop
+    loop.evaluate(task, config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    if not hasattr(task, "sample"):
+      _fail(f"task {config.task!r} has no --mode=sample")
+    task.sample(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
