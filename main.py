@@ -84,7 +84,16 @@ def main(argv):
     _fail(f"config: {e}")
 
   from ascan_jax import tasks
-  task = tasks.get_task(config)
+  from ascan_jax.data import sources
+  from ascan_jax.train import checkpoint
+  try:
+    _run(config, tasks.get_task(config))
+  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError) as e:
+    _fail(str(e))
+
+
+def _run(config, task):
+  import jax
   logging.info("task %s, mode %s, %d devices in %d processes", config.task, FLAGS.mode,
                jax.device_count(), jax.process_count())
   if FLAGS.mode == "summary":

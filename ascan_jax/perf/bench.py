@@ -12,7 +12,6 @@ plus backward, not counting rematerialisation). Writes ``DIR/bench.json`` and pr
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ascan_jax import fileio
 from ascan_jax.perf import peaks
 from ascan_jax.perf import summary as summary_lib
 from ascan_jax.train import setup as setup_lib
@@ -132,8 +132,8 @@ def format_table(r: dict) -> str:
 
 def run(task, config, workdir: str) -> dict:
   r = run_benchmark(task, config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "bench.json"), "w") as f:
-    json.dump(r, f, indent=2, default=lambda o: np.asarray(o).tolist())
+  fileio.makedirs(workdir)
+  fileio.write_text(fileio.join(workdir, "bench.json"),
+                    json.dumps(r, indent=2, default=lambda o: np.asarray(o).tolist()))
   print(format_table(r), flush=True)
   return r

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
+from ascan_jax import fileio
 from ascan_jax.perf import hlo_macs
 
 
@@ -117,8 +117,7 @@ def format_table(s: dict) -> str:
 
 def run(task, config, workdir: str) -> dict:
   s = summarize(task, config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(s, f, indent=2)
+  fileio.makedirs(workdir)
+  fileio.write_text(fileio.join(workdir, "summary.json"), json.dumps(s, indent=2))
   print(format_table(s), flush=True)
   return s

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ascan_jax import compute
+from ascan_jax.data import pipeline
+from ascan_jax.data import sources
 from ascan_jax.models import ascan
 
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
@@ -78,6 +80,24 @@ class Task:
     self.config = config
     self.dtype = compute.compute_dtype(config.model.dtype)
     self.model = self.build_model()
+    self._sources = {}
+
+  # ---- data --------------------------------------------------------------------------------
+  def source(self, split: str):
+    if split not in self._sources:
+      self._sources[split] = sources.get_source(self.config.data, split)
+    return self._sources[split]
+
+  def num_train_examples(self) -> int:
+    return len(self.source(self.config.data.train_split))
+
+  def train_batches(self, sharding, total_steps: int, start_step: int = 0):
+    return pipeline.train_dataset(self.source(self.config.data.train_split), self.config,
+                                  sharding, total_steps, start_step)
+
+  def eval_batches(self, sharding):
+    return pipeline.eval_dataset(self.source(self.config.data.eval_split), self.config,
+                                 sharding)
 
   # ---- model -------------------------------------------------------------------------------
   def build_model(self, **overrides) -> nn.Module:

@@ -69,7 +69,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
     metrics = dict(metrics)
     metrics["train/loss"] = loss
     metrics["train/lr"] = schedule(state.step)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
 
   return step

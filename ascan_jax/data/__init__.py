@@ -1,0 +1,1 @@
+"""Input pipelines: record sources, image transforms, grain pipelines and global batches."""

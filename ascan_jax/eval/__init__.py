@@ -1,0 +1,1 @@
+"""Evaluators and metrics: classification top-k, generative metrics (FID, IS, ...)."""

@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m ascan_jax.tools.<name>`` (dataset preparation, conversions)."""

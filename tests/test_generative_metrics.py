@@ -1,0 +1,203 @@
+"""Generative metrics: FID vs pytorch-fid, IS and precision/recall limits, reference files.
+
+Only the pytorch-fid comparison needs torch (skipped without it); the reference-statistics
+tool is run end to end on random Inception weights written straight to safetensors.
+"""
+import hashlib
+
+import numpy as np
+import pytest
+
+from tests import torch_reference
+
+from ascan_jax.eval import generative_metrics as gm
+
+def _pytorch_fid_frechet():
+  """pytorch-fid's ``calculate_frechet_distance`` (skips the test without the torch stack)."""
+  torch_reference.import_torch()
+  fid_score = pytest.importorskip("pytorch_fid.fid_score")
+  return fid_score.calculate_frechet_distance
+
+
+def _features(rng, n, d, shift=0.0, scale=1.0):
+  mix = rng.normal(size=(d, d)) / np.sqrt(d)
+  return (rng.normal(size=(n, d)) @ mix * scale + shift).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytorch-fid's sqrtm(disp=False)
+def test_fid_matches_pytorch_fid():
+  reference = _pytorch_fid_frechet()
+  rng = np.random.default_rng(0)
+  cases = {
+      "well-conditioned": (_features(rng, 500, 64), _features(rng, 400, 64, 0.3, 1.2)),
+      "near-singular (N < D)": (_features(rng, 40, 64), _features(rng, 30, 64, 0.1, 0.9)),
+  }
+  for name, (a, b) in cases.items():
+    (mu1, s1), (mu2, s2) = gm.feature_statistics(a), gm.feature_statistics(b)
+    ours = gm.frechet_distance(mu1, s1, mu2, s2)
+    theirs = float(reference(mu1, s1, mu2, s2))
+    assert abs(ours - theirs) < 1e-3, (name, ours, theirs)
+    assert ours == pytest.approx(gm.fid_from_features(a, b))
+  a, _ = cases["well-conditioned"]
+  assert abs(gm.fid_from_features(a, a)) < 1e-6
+  assert abs(gm.sfid_from_features(a, a.copy())) < 1e-6
+
+
+def test_frechet_eps_fallback_and_imaginary_check(monkeypatch):
+  rng = np.random.default_rng(1)
+  mu1, s1 = gm.feature_statistics(_features(rng, 200, 16))
+  mu2, s2 = gm.feature_statistics(_features(rng, 200, 16, 0.5))
+  exact = gm.frechet_distance(mu1, s1, mu2, s2)
+  real_sqrtm = gm._sqrtm  # pylint: disable=protected-access
+  calls = []
+
+  def flaky_sqrtm(a):  # the first (unregularised) product "fails" as a singular one would.
+    calls.append(a)
+    return np.full_like(a, np.inf) if len(calls) == 1 else real_sqrtm(a)
+
+  monkeypatch.setattr(gm, "_sqrtm", flaky_sqrtm)
+  regularised = gm.frechet_distance(mu1, s1, mu2, s2, eps=1e-6)
+  assert len(calls) == 2
+  np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(16)) @ (s2 + 1e-6 * np.eye(16)))
+  assert regularised == pytest.approx(exact, abs=1e-3)
+
+  monkeypatch.setattr(gm, "_sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(len(a)))
+  with pytest.raises(ValueError, match="imaginary"):
+    gm.frechet_distance(mu1, s1, mu2, s2)
+  monkeypatch.setattr(gm, "_sqrtm", lambda a: real_sqrtm(a) + 1e-9j)
+  assert gm.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact)
+
+
+def _improved_gan_is(probs, splits):
+  scores = []
+  for i in range(splits):
+    part = probs[i * len(probs) // splits:(i + 1) * len(probs) // splits]
+    kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
+    scores.append(np.exp(np.mean(np.sum(kl, 1))))
+  return np.mean(scores), np.std(scores)
+
+
+def test_inception_score():
+  mean, std = gm.inception_score(np.zeros((100, 1008)))
+  assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+  k = 10
+  labels = np.arange(1000) % k  # every split of 100 holds each class 10 times
+  confident = np.where(np.arange(1008)[None] == labels[:, None], 1e4, 0.0)
+  mean, std = gm.inception_score(confident)
+  assert mean == pytest.approx(k, abs=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+  mean, _ = gm.inception_score(confident, split_size=500)  # ADM's chunking
+  assert mean == pytest.approx(k, abs=1e-9)
+
+  logits = np.random.default_rng(0).normal(size=(250, 1008)) * 3
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  np.testing.assert_allclose(gm.inception_score(logits, 10), _improved_gan_is(probs, 10),
+                             rtol=1e-10)
+
+
+def _brute_force_pr(ref, smp, k=3):
+  def d2(u, v):
+    return ((u[:, None, :].astype(np.float64) - v[None, :, :]) ** 2).sum(-1)
+  r_ref = np.sort(d2(ref, ref), axis=1)[:, k]
+  r_smp = np.sort(d2(smp, smp), axis=1)[:, k]
+  d = d2(ref, smp)
+  return np.mean(np.any(d <= r_ref[:, None], 0)), np.mean(np.any(d <= r_smp[None, :], 1))
+
+
+def test_precision_recall():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(60, 8)).astype(np.float32)
+  assert gm.precision_recall(ref, ref.copy()) == (1.0, 1.0)
+  assert gm.precision_recall(ref, ref + 1000.0) == (0.0, 0.0)
+  # Partly overlapping sets; small blocks exercise the batched k-NN and membership passes.
+  smp = (rng.normal(size=(45, 8)) * 1.5 + 0.7).astype(np.float32)
+  expected = _brute_force_pr(ref, smp)
+  assert 0.0 < expected[0] < 1.0 and 0.0 < expected[1] < 1.0
+  assert gm.precision_recall(ref, smp, batch_size=7) == pytest.approx(expected)
+  assert gm.precision_recall(ref, smp) == pytest.approx(expected)
+  assert gm.precision_recall(ref, smp, batch_size=16, backend="jax") == pytest.approx(expected)
+  np.testing.assert_allclose(gm.manifold_radii(ref, 3, batch_size=13),
+                             np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, 3],
+                             rtol=1e-4, atol=1e-4)
+
+
+def _random_stats(rng, pool_dim=gm.POOL_DIM, spatial_dim=gm.SPATIAL_DIM):
+  return gm.ReferenceStats(rng.normal(size=pool_dim), np.eye(pool_dim) * 2.0,
+                           rng.normal(size=spatial_dim), np.eye(spatial_dim) * 3.0)
+
+
+def test_reference_round_trip_and_validation(tmp_path):
+  rng = np.random.default_rng(0)
+  stats = _random_stats(rng)
+  stats.images = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+  path = str(tmp_path / "ref.npz")
+  gm.save_reference(path, stats)
+  with np.load(path) as raw:  # what ADM's evaluator reads
+    assert set(raw.files) == {"mu", "sigma", "mu_s", "sigma_s", "arr_0"}
+    assert raw["sigma"].dtype == np.float64
+  loaded = gm.load_reference(path, load_images=True)
+  for key in ("mu", "sigma", "mu_s", "sigma_s", "images"):
+    np.testing.assert_array_equal(getattr(loaded, key), getattr(stats, key))
+  assert gm.load_reference(path).images is None
+  batches = list(gm.iter_npz_images(path, 2))
+  assert [len(b) for b in batches] == [2, 2, 1]
+  np.testing.assert_array_equal(np.concatenate(batches), stats.images)
+  with open(path, "rb") as f:
+    assert gm.file_sha256(path) == hashlib.sha256(f.read()).hexdigest()
+
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, mu=np.zeros(1000), sigma=stats.sigma, mu_s=stats.mu_s)
+  with pytest.raises(ValueError) as e:
+    gm.load_reference(bad)
+  assert "mu has shape (1000,), expected (2048,)" in str(e.value)
+  assert "missing key 'sigma_s' (expected shape (2023, 2023))" in str(e.value)
+  with pytest.raises(ValueError, match="no 'arr_0'"):
+    gm.load_reference(str(tmp_path / "bad.npz"), load_images=True)
+  with pytest.raises(ValueError, match=r"mu_s has shape \(7,\), expected \(2023,\)"):
+    gm.save_reference(str(tmp_path / "x.npz"), gm.ReferenceStats(
+        stats.mu, stats.sigma, np.zeros(7), stats.sigma_s))
+
+  # FID against stored statistics is the plain Fréchet distance.
+  small = _random_stats(rng, 4, 3)
+  feats = rng.normal(size=(50, 4))
+  assert small.fid(feats) == pytest.approx(
+      gm.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), small.mu, small.sigma))
+
+
+def test_compute_reference_stats_tool(tmp_path):
+  """End to end on random weights: .npz of uint8 images -> ADM-format statistics."""
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  from ascan_jax.models import inception
+  from ascan_jax.tools import compute_reference_stats as tool
+
+  rng = np.random.default_rng(0)
+  flat = {}
+  for key, shape in inception.expected_shapes().items():
+    if key.endswith("/kernel"):
+      fan_in = int(np.prod(shape[:-1]))
+      flat[key] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    elif key.endswith("/var") or key.endswith("/scale"):
+      flat[key] = np.ones(shape, np.float32)
+    else:
+      flat[key] = np.zeros(shape, np.float32)
+  weights = str(tmp_path / "w.safetensors")
+  safetensors_numpy.save_file(flat, weights)
+  images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+  src = str(tmp_path / "images.npz")
+  np.savez(src, arr_0=images)
+  out = str(tmp_path / "ref.npz")
+  stats = tool.compute_reference(src, weights, out, batch_size=4, store_images=True,
+                                 progress=False)
+  loaded = gm.load_reference(out, load_images=True)
+  np.testing.assert_array_equal(loaded.images, images)
+  np.testing.assert_array_equal(loaded.mu, stats.mu)
+  fn = inception.make_feature_fn(inception.load_params(weights))
+  padded = np.concatenate([images[4:], np.zeros((3, 32, 32, 3), np.uint8)])  # same shape
+  pool = np.concatenate([np.asarray(fn(images[:4])["pool"]), np.asarray(fn(padded)["pool"])[:1]])
+  spatial = np.concatenate([np.asarray(fn(images[:4])["spatial"]),
+                            np.asarray(fn(padded)["spatial"])[:1]])
+  np.testing.assert_allclose(loaded.mu, pool.mean(0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(loaded.sigma_s, np.cov(spatial.astype(np.float64), rowvar=False),
+                             rtol=1e-6, atol=1e-9)
+  assert loaded.mu.shape == (2048,) and loaded.sigma_s.shape == (2023, 2023)
+  assert np.std(pool, axis=0).max() > 0  # the random images give distinct features
