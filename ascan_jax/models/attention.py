@@ -14,7 +14,17 @@
              of at least ``PALLAS_MIN_SEQ_LEN`` tokens, ``xla`` otherwise. The thresholds are rules
              of thumb (maxdiffusion uses the same kind of minimum length), not measured here.
 
-Also here: the learned 2-D relative position bias of classification attention.
+Keys may be masked with ``key_mask`` (``[batch, kv_tokens]``, True = attend), e.g. the padding
+of a text context; a query whose keys are all masked gets a zero output (no context). Only
+``xla`` implements the mask and queries/keys of different lengths for every backend: ``cudnn``
+falls back to ``xla`` when a mask is given, ``pallas`` when a mask is given or the key length
+differs from the query length (cross-attention). The UNet's cross-attention has short contexts
+(1 class token, 77-ish text tokens), where a fused kernel gains little.
+
+Also here: the learned 2-D relative position bias of classification attention, and the two
+attention modules, ``MultiHeadSelfAttention`` (position encoding ``relative_bias`` for the
+classifier, ``rope`` 2-D rotary for the UNet, or ``none``; optional query/key RMSNorm) and
+``MultiHeadCrossAttention`` (queries from image tokens, keys and values from a context).
 """
 from __future__ import annotations
 
@@ -26,7 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ascan_jax.models import rope as rope_lib
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+POSITION_ENCODINGS = ("relative_bias", "rope", "none")
 PALLAS_MIN_SEQ_LEN = 1024
 PALLAS_BLOCK = 128
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -54,12 +67,17 @@ def resolve_implementation(implementation: str, dtype: Any, seq_len: int, head_d
   return implementation
 
 
-def _xla_attention(q, k, v, bias, scale):
+def _xla_attention(q, k, v, bias, scale, key_mask=None):
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  if key_mask is not None:
+    keep = key_mask.astype(bool)[:, None, None, :]
+    logits = jnp.where(keep, logits, _MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if key_mask is not None:  # queries with no valid key attend to nothing.
+    weights = weights * jnp.any(keep, axis=-1, keepdims=True)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
 def _cudnn_attention(q, k, v, bias, scale):
@@ -117,12 +135,26 @@ def _pallas_attention_sharded(q, k, v, bias, scale):
 _IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention_sharded}
 
 
-def dot_product_attention(q, k, v, bias=None, *, implementation: str = "auto",
+def dot_product_attention(q, k, v, bias=None, *, key_mask=None, implementation: str = "auto",
                           scale: float | None = None):
-  """Multi-head attention ``softmax(q k^T * scale + bias) v`` on ``[B, N, H, D]`` inputs."""
+  """Multi-head attention ``softmax(q k^T * scale + bias) v`` on ``[B, N, H, D]`` inputs.
+
+  ``k`` and ``v`` may have another token count than ``q`` (cross-attention). ``key_mask``
+  (``[B, kv_tokens]``, True = attend) masks keys; see the module docstring for which
+  implementations fall back to ``xla`` then.
+  """
   if scale is None:
     scale = q.shape[-1] ** -0.5
   impl = resolve_implementation(implementation, q.dtype, q.shape[1], q.shape[-1])
+  if key_mask is not None:
+    if key_mask.shape != (k.shape[0], k.shape[1]):
+      raise ValueError(f"key_mask shape {key_mask.shape} is not [batch, kv_tokens] = "
+                       f"{(k.shape[0], k.shape[1])}")
+    impl = "xla"
+  if impl == "pallas" and k.shape[1] != q.shape[1]:
+    impl = "xla"
+  if impl == "xla":
+    return _xla_attention(q, k, v, bias, scale, key_mask)
   return _IMPLS[impl](q, k, v, bias, scale)
 
 
@@ -159,36 +191,90 @@ class RelativePositionBias(nn.Module):
     return bias[None]
 
 
+def _projection(features: int, axes: tuple[str, str], dtype, name: str) -> nn.Dense:
+  """A 2-D ``nn.Dense`` projection (not ``DenseGeneral``: flax#3676) with logical axis names."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Global self-attention over NHWC feature maps, projections as 2-D kernels.
 
   2-D ``nn.Dense`` kernels (not ``DenseGeneral``) keep logical partitioning working under
-  ``jax.set_mesh`` (flax#3676).
+  ``jax.set_mesh`` (flax#3676). ``position``: ``relative_bias`` (the classifier's learned table,
+  sized for ``train_grid``), ``rope`` (2-D rotary on queries and keys, ``train_grid`` unused) or
+  ``none``. ``qk_norm`` adds RMSNorm on queries and keys (before RoPE, as SD3 / FLUX).
   """
   num_heads: int
   head_dim: int
   train_grid: tuple[int, int]
   implementation: str = "auto"
   dtype: Any = jnp.float32
+  position: str = "relative_bias"
+  qk_norm: bool = False
+  rope_base: float = rope_lib.DEFAULT_BASE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.position not in POSITION_ENCODINGS:
+      raise ValueError(f"position encoding {self.position!r} is not one of {POSITION_ENCODINGS}")
     b, h, w, c = x.shape
     inner = self.num_heads * self.head_dim
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     tokens = x.reshape(b, h * w, c)
 
     def project(name):
-      y = dense(inner, name=name, kernel_init=nn.with_logical_partitioning(
-          nn.initializers.xavier_uniform(), ("embed", "heads")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)))(tokens)
+      y = _projection(inner, ("embed", "heads"), self.dtype, name)(tokens)
       return y.reshape(b, h * w, self.num_heads, self.head_dim)
 
     q, k, v = project("query"), project("key"), project("value")
-    bias = RelativePositionBias(self.num_heads, self.train_grid, name="rel_pos")(h, w)
+    if self.qk_norm:
+      q = rope_lib.qk_rms_norm(self.dtype, "query_norm")(q)
+      k = rope_lib.qk_rms_norm(self.dtype, "key_norm")(k)
+    bias = None
+    if self.position == "relative_bias":
+      bias = RelativePositionBias(self.num_heads, self.train_grid, name="rel_pos")(h, w)
+    elif self.position == "rope":
+      q = rope_lib.apply_rope_2d(q, h, w, self.rope_base)
+      k = rope_lib.apply_rope_2d(k, h, w, self.rope_base)
     out = dot_product_attention(q, k, v, bias, implementation=self.implementation)
     out = out.reshape(b, h * w, inner)
-    out = dense(c, name="out", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), ("heads", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+    out = _projection(c, ("heads", "embed"), self.dtype, "out")(out)
+    return out.reshape(b, h, w, c)
+
+
+class MultiHeadCrossAttention(nn.Module):
+  """Image tokens attend to a context: queries from ``x`` (NHWC), keys and values from
+  ``context`` ``[B, L, D_ctx]`` (class tokens or text embeddings; the module does not care
+  which). ``context_mask`` ``[B, L]`` (True = real token) masks keys. No position encoding: the
+  context's own order is whatever its encoder gave it. ``qk_norm`` as in self-attention.
+  """
+  num_heads: int
+  head_dim: int
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+  qk_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    b, h, w, c = x.shape
+    if context.ndim != 3 or context.shape[0] != b:
+      raise ValueError(f"context must be [batch={b}, tokens, features], got {context.shape}")
+    n_ctx = context.shape[1]
+    inner = self.num_heads * self.head_dim
+    tokens = x.reshape(b, h * w, c)
+    context = context.astype(self.dtype)
+    q = _projection(inner, ("embed", "heads"), self.dtype, "query")(tokens)
+    k = _projection(inner, ("embed", "heads"), self.dtype, "key")(context)
+    v = _projection(inner, ("embed", "heads"), self.dtype, "value")(context)
+    q = q.reshape(b, h * w, self.num_heads, self.head_dim)
+    k = k.reshape(b, n_ctx, self.num_heads, self.head_dim)
+    v = v.reshape(b, n_ctx, self.num_heads, self.head_dim)
+    if self.qk_norm:
+      q = rope_lib.qk_rms_norm(self.dtype, "query_norm")(q)
+      k = rope_lib.qk_rms_norm(self.dtype, "key_norm")(k)
+    out = dot_product_attention(q, k, v, key_mask=context_mask,
+                                implementation=self.implementation)
+    out = _projection(c, ("heads", "embed"), self.dtype, "out")(out.reshape(b, h * w, inner))
     return out.reshape(b, h, w, c)
