@@ -141,8 +141,96 @@ def classification() -> ml_collections.ConfigDict:
   return c
 
 
+def diffusion() -> ml_collections.ConfigDict:
+  """Class-conditional diffusion with the AsCAN UNet (paper sections 4.2 and A.7)."""
+  c = base()
+  c.task = "diffusion"
+  c.batch_size = 2048
+  c.eval_batch_size = 256
+  c.total_epochs = 1000.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "ascan_unet"
+  c.model.channels = (160, 320, 640)
+  c.model.down_layout = "CCC-CCTT-C" + "T" * 20
+  c.model.mid_layout = "CTC"
+  c.model.up_layout = ""  # empty: mirrors down_layout.
+  c.model.head_dim = 64
+  c.model.expand_ratio = 4  # C blocks' 3x3 expansion (the paper's FusedMBConv: 4).
+  c.model.context_dim = 768
+  c.model.context_tokens = 1  # learned tokens per class label.
+  c.model.norm_groups = 32
+  c.model.drop_path_rate = 0.0
+  c.model.attention_impl = "auto"
+  c.model.remat_policy = "none"
+  c.model.dtype = "auto"
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_train_steps = 1000
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.01  # 0.01 at 256x256, 0.02 at 512 and above (paper).
+  c.diffusion.schedule = "scaled_linear"  # scaled_linear | linear
+  c.diffusion.offset_noise = 0.0
+  c.diffusion.label_dropout = 0.1  # classifier-free guidance training.
+  c.diffusion.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"  # the images (for latent caching, pixel-space training, judges).
+  c.data.data_dir = ""
+  c.data.latent_dir = ""  # set: train on the latent cache there (tools.cache_latents).
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 256
+  c.data.channels = 3  # pixel space only: 1 trains on grey images.
+  c.data.patch = 1  # pixel space only: space-to-depth by p (the UNet sees H/p x W/p x p*p*C).
+  c.data.num_classes = 1000
+  c.data.eval_crop_fraction = 1.0  # centre crop of the full short side (ADM's preprocessing).
+  c.data.flip = True
+  c.data.worker_count = 0
+  c.data.worker_buffer_size = 2
+  c.data.holdout_fraction = 0.2
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "heun"  # ddpm | ddim | euler | heun | dpmpp_2m
+  c.sample.steps = 30
+  c.sample.spacing = ""  # empty: the sampler's default.
+  c.sample.guidance = "constant"  # none | constant | interval | ramp
+  c.sample.scale = 1.78  # constant scale (paper); the ramp's start scale is ramp_start.
+  c.sample.ramp_start = 1.1
+  c.sample.ramp_end = 3.6
+  c.sample.start_step = 5  # interval / ramp: 1-indexed first guided step ...
+  c.sample.end_step = -1  # ... and last (-1: the last step).
+  c.sample.classes = ()  # --mode=sample: empty means every class.
+  c.sample.per_class = 4
+  c.sample.seed = 0
+  c.sample.ema = True
+  c.sample.batch_size = 64
+  c.sample.grid_every_steps = 5000  # a sample grid in DIR/samples during training.
+  c.sample.vae_dir = ""  # latents: the diffusers VAE that decodes samples to images.
+
+  c.eval.judge_dir = ""  # a classification workdir whose classifier judges the samples.
+  c.eval.train_judge = False  # if judge_dir holds no checkpoint: train judge_config there first.
+  c.eval.judge_config = ""  # e.g. configs/ascan_t.py:runlocal (used with train_judge).
+  c.eval.num_samples = 0  # samples generated per evaluation (0: no sample-based metrics).
+  c.eval.inception_path = ""  # FID Inception safetensors (tools.convert_fid_inception) ...
+  c.eval.reference_path = ""  # ... and reference statistics .npz: FID, sFID, IS, prec./recall.
+  c.eval.real_samples = 1000  # real held-out images for the feature statistics.
+
+  c.optim.peak_lr = 6e-4
+  c.optim.init_lr = 0.0
+  c.optim.end_lr = 6e-4  # equal to peak_lr: constant after warm-up (the paper gives no decay).
+  c.optim.warmup_steps = 1000
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip_norm = 1.0
+  c.optim.ema_decay = 0.9999
+  c.checkpoint.best_metric = ""
+  return c
+
+
 # Task name -> schema; the task modules themselves live in ascan_jax.tasks.
-TASKS = {"classification": classification}
+TASKS = {"classification": classification, "diffusion": diffusion}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

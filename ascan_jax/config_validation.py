@@ -174,12 +174,61 @@ def check_values(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                  f"stage {i + 1} has T blocks and width {width}, not a multiple of head_dim "
                  f"{m.head_dim}")
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+  if config.task == "diffusion":
+    check_diffusion(config)
   if "data" in config and "image_size" in config.data:
     _require(config.data.image_size >= 16, "data.image_size", "must be at least 16")
     _require(config.data.num_classes >= 2, "data.num_classes", "must be at least 2")
     _require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
     _require(0.0 < config.data.holdout_fraction < 1.0, "data.holdout_fraction",
              "must be in (0, 1)")
+
+
+def check_diffusion(config: ml_collections.ConfigDict) -> None:
+  """Values of the diffusion task that cannot work."""
+  from ascan_jax.diffusion import generate, samplers  # imports jax; called after start-up.
+  from ascan_jax.models import layout as layout_lib
+  m, s, d, e = config.model, config.sample, config.diffusion, config.eval
+  _require(s.sampler in samplers.SAMPLERS, "sample.sampler",
+           f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+  _require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
+           f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
+  _require(s.steps >= 1, "sample.steps", "must be >= 1")
+  _require(s.per_class >= 1, "sample.per_class", "must be >= 1")
+  _require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
+           f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
+  _require(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout", "must be in [0, 1)")
+  _require(d.schedule in ("scaled_linear", "linear"), "diffusion.schedule",
+           f"{d.schedule!r} is not 'scaled_linear' or 'linear'")
+  try:
+    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
+    layout_lib.parse_layout(m.mid_layout)
+    if m.up_layout:
+      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
+  except layout_lib.LayoutError as err:
+    raise ConfigError(f"config.model: {err}") from None
+  for level, (stage, width) in enumerate(zip(down, m.channels)):
+    if "T" in stage:
+      _require(width % m.head_dim == 0, "model.channels",
+               f"level {level + 1} has T blocks and width {width}, not a multiple of head_dim "
+               f"{m.head_dim}")
+    _require(width % m.norm_groups == 0, "model.norm_groups",
+             f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
+  if not config.data.latent_dir:
+    factor = 2 ** (len(m.channels) - 1) * config.data.patch
+    _require(config.data.image_size % factor == 0, "data.image_size",
+             f"{config.data.image_size} is not divisible by {factor} (the UNet's "
+             f"{len(m.channels)} levels x data.patch {config.data.patch})")
+    _require(config.data.channels in (1, 3), "data.channels", "must be 1 or 3")
+  if e.num_samples > 0:
+    _require(bool(e.judge_dir) or bool(e.inception_path and e.reference_path), "eval.num_samples",
+             "sample metrics need a judge classifier (eval.judge_dir) or the FID Inception and "
+             "reference statistics (eval.inception_path, eval.reference_path)")
+  _require(bool(e.inception_path) == bool(e.reference_path), "eval.reference_path",
+           "eval.inception_path and eval.reference_path go together")
+  if e.train_judge:
+    _require(bool(e.judge_config), "eval.judge_config",
+             "eval.train_judge needs the judge's config file (e.g. configs/ascan_t.py:runlocal)")
 
 
 def validate(config: ml_collections.ConfigDict, **kwargs) -> None:

@@ -22,6 +22,10 @@ def _config(**data):
   return c
 
 
+def _train(src, c, sharding, total_steps, start_step=0):
+  return pipeline.train_dataset(src, pipeline.ImageCodec.from_config(c), c, sharding, total_steps, start_step)
+
+
 def _take(iterable, n):
   it = iter(iterable)
   return [next(it) for _ in range(n)]
@@ -59,9 +63,9 @@ def test_train_stream_is_deterministic_and_resumes_at_a_step():
   c = _config()
   src = sources.get_source(c.data, "train")
   one = pipeline.Sharding(0, 1)
-  full = _take(pipeline.train_dataset(src, c, one, total_steps=6), 6)
-  again = _take(pipeline.train_dataset(src, c, one, total_steps=6), 6)
-  resumed = _take(pipeline.train_dataset(src, c, one, total_steps=6, start_step=4), 2)
+  full = _take(_train(src, c, one, 6), 6)
+  again = _take(_train(src, c, one, 6), 6)
+  resumed = _take(_train(src, c, one, 6, start_step=4), 2)
   for a, b in zip(full, again):
     np.testing.assert_array_equal(a["image"], b["image"])
   for a, b in zip(full[4:], resumed):
@@ -73,8 +77,8 @@ def test_train_stream_is_deterministic_and_resumes_at_a_step():
 def test_global_batch_does_not_depend_on_process_count():
   c = _config()
   src = sources.get_source(c.data, "train")
-  single = _take(pipeline.train_dataset(src, c, pipeline.Sharding(0, 1), 3), 3)
-  parts = [_take(pipeline.train_dataset(src, c, pipeline.Sharding(p, 2), 3), 3)
+  single = _take(_train(src, c, pipeline.Sharding(0, 1), 3), 3)
+  parts = [_take(_train(src, c, pipeline.Sharding(p, 2), 3), 3)
            for p in range(2)]
   for step in range(3):
     joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in single[step]}
@@ -87,7 +91,7 @@ def test_epochs_are_reshuffled_and_cover_every_record():
   c.augment.random_resized_crop = False
   src = sources.get_source(c.data, "train")
   n = len(src)
-  fn = pipeline._TrainExample(src, c, pipeline.Sharding(0, 1))
+  fn = pipeline._TrainExample(src, pipeline.ImageCodec.from_config(c), c, pipeline.Sharding(0, 1))
   first = [int(pipeline._epoch_permutation(c.seed, 0, n)[g]) for g in range(n)]
   second = [int(pipeline._epoch_permutation(c.seed, 1, n)[g]) for g in range(n)]
   assert sorted(first) == list(range(n)) and first != second
@@ -100,7 +104,7 @@ def test_eval_counts_every_example_once_across_processes():
   seen = []
   total_mask = 0.0
   for p in range(2):
-    for batch in pipeline.eval_dataset(src, c, pipeline.Sharding(p, 2)):
+    for batch in pipeline.eval_dataset(src, pipeline.ImageCodec.from_config(c), c, pipeline.Sharding(p, 2)):
       assert batch["image"].shape == (3, 32, 32, 3)
       seen += [int(i) for i, m in zip(batch["index"], batch["mask"]) if m > 0]
       total_mask += float(batch["mask"].sum())
@@ -112,9 +116,9 @@ def test_worker_processes_give_the_same_batches():
   c = _config()
   src = sources.get_source(c.data, "train")
   c.data.worker_count = 0
-  a = _take(pipeline.train_dataset(src, c, pipeline.Sharding(0, 1), 3), 3)
+  a = _take(_train(src, c, pipeline.Sharding(0, 1), 3), 3)
   c.data.worker_count = 2
-  b = _take(pipeline.train_dataset(src, c, pipeline.Sharding(0, 1), 3), 3)
+  b = _take(_train(src, c, pipeline.Sharding(0, 1), 3), 3)
   for x, y in zip(a, b):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
@@ -131,7 +135,7 @@ def test_folder_tool_and_array_record_source(tmp_path):
   src = sources.get_source(c.data, "train")
   labels = sorted(src.load(i)["label"] for i in range(len(src)))
   assert labels == [0] * 4 + [1] * 4 + [2] * 4
-  batch = _take(pipeline.train_dataset(src, c, pipeline.Sharding(0, 1), 1), 1)[0]
+  batch = _take(_train(src, c, pipeline.Sharding(0, 1), 1), 1)[0]
   assert batch["image"].shape == (8, 32, 32, 3) and batch["mask"].sum() == 8
 
 
@@ -157,7 +161,7 @@ def test_corrupt_record_is_skipped_and_masked(tmp_path):
     src.load(1)
   with pytest.raises(sources.RecordError):
     src.load(4)
-  batch = _take(pipeline.train_dataset(src, c, pipeline.Sharding(0, 1), 1), 1)[0]
+  batch = _take(_train(src, c, pipeline.Sharding(0, 1), 1), 1)[0]
   assert batch["mask"].sum() == 3  # two broken records masked, no crash.
   assert np.all(batch["image"][batch["mask"] == 0] == 0)
 

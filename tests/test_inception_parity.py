@@ -29,7 +29,8 @@ TOL = 1e-4
 
 def _random_fid_inception():
   """pytorch-fid's ``fid_inception_v3`` structure, random weights, no state dict loaded."""
-  net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
   net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
   net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
   net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)

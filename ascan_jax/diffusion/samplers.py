@@ -232,8 +232,12 @@ def initial_noise(key: jax.Array, shape) -> tuple[jax.Array, jax.Array]:
 
 def sample(eps_fn: Callable, shape, key: jax.Array, *, sampler: str, steps: int | None = None,
            schedule: NoiseSchedule, guidance: guidance_lib.CFG | None = None, dtype=jnp.float32,
-           spacing: str | None = None, eta: float | None = None):
+           spacing: str | None = None, eta: float | None = None,
+           initial: jax.Array | None = None):
   """Draws ``shape`` samples; returns ``(x0 in dtype, nfe)`` with nfe a Python int (as ``nfe``).
+
+  ``initial`` is the starting noise x_T (e.g. drawn per sample from its own seed, so a sample
+  does not depend on the batch it is drawn in); by default it is drawn from ``key``.
 
   Without guidance ``eps_fn(x_t, t)``; with ``guidance=guidance.cfg(schedule_or_scale, cond,
   null_cond)`` it is ``model_eps(x_t, t, cond)``. ``steps=None`` is the sampler's default; ``eta``
@@ -258,5 +262,9 @@ def sample(eps_fn: Callable, shape, key: jax.Array, *, sampler: str, steps: int 
     return step_eps(x.astype(dtype), t_batch, step).astype(jnp.float32)
 
   x_T, loop_key = initial_noise(key, shape)
+  if initial is not None:
+    if tuple(initial.shape) != tuple(shape):
+      raise ValueError(f"initial noise has shape {initial.shape}, expected {tuple(shape)}")
+    x_T = initial.astype(jnp.float32)
   x0 = spec.fn(den, x_T, loop_key, plan, eta)
   return x0.astype(dtype), nfe(sampler, steps, guidance)

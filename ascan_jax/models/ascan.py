@@ -46,7 +46,10 @@ class AsCAN(nn.Module):
     return layout_lib.parse_layout(self.layout, num_stages=len(self.widths))
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False):
+  def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False,
+               return_embedding: bool = False):
+    """Logits; with ``return_features`` also the four stage outputs (for dense heads), with
+    ``return_embedding`` also the pooled pre-logits embedding (for feature-space metrics)."""
     stages = self.stages()
     x = images.astype(self.dtype)
     x = blocks.conv(self.stem_width, 3, 2, dtype=self.dtype, name="stem_conv1")(x)
@@ -86,6 +89,7 @@ class AsCAN(nn.Module):
     x = blocks.conv(self.embed_dim, 1, dtype=self.dtype, name="head_conv")(x)
     x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "head_bn")(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    embedding = x
     x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
                       name="classifier",
@@ -93,6 +97,10 @@ class AsCAN(nn.Module):
                                                                ("embed", "classes")),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                              ("classes",)))(x)
+    if return_features and return_embedding:
+      return logits, features, embedding
     if return_features:
       return logits, features
+    if return_embedding:
+      return logits, embedding
     return logits

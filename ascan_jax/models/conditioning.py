@@ -57,7 +57,9 @@ class TimestepEmbedding(nn.Module):
 class ClassConditioner(nn.Module):
   """Class labels ``[B]`` (int, ``num_classes`` = null) -> context ``[B, n_tokens, context_dim]``.
 
-  Output is float32 (the UNet casts it to its compute dtype).
+  Output is float32 (the UNet casts it to its compute dtype). The table is replicated (logical
+  axes ``(None, None)``): it is small (1001 x 768 floats for ImageNet), and sharding it made the
+  batch-sharded row gather fall back to full rematerialisation in the SPMD partitioner.
   """
   num_classes: int
   context_dim: int
@@ -71,7 +73,7 @@ class ClassConditioner(nn.Module):
   def __call__(self, labels: jax.Array) -> jax.Array:
     table = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("classes", "embed")),
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None)),
         (self.num_classes + 1, self.n_tokens * self.context_dim), jnp.float32)
     ctx = jnp.take(table, labels.astype(jnp.int32), axis=0)
     return ctx.reshape(labels.shape[0], self.n_tokens, self.context_dim)

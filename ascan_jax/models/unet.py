@@ -125,6 +125,9 @@ class AsCANUNet(nn.Module):
     return 2 ** (len(self.channels) - 1)
 
   def _check_inputs(self, x, context, context_mask):
+    if self.position not in ("rope", "none"):
+      raise ValueError(f"UNet position encoding must be 'rope' or 'none', got {self.position!r} "
+                       "(a relative-bias table is sized for one grid; the UNet runs at many)")
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"x must be NHWC with {self.in_channels} channels, got {x.shape}")
     f = self.downsample_factor

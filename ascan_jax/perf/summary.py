@@ -24,10 +24,7 @@ from ascan_jax.perf import hlo_macs
 
 
 def abstract_variables(task, model):
-  return jax.eval_shape(lambda k: model.init(
-      {"params": k, "dropout": k},
-      jnp.zeros(task.input_spec(1)["image"].shape, jnp.float32), train=False),
-                        jax.random.key(0))
+  return jax.eval_shape(lambda k: task.init_variables(k, model), jax.random.key(0))
 
 
 def params_by_prefix(params) -> dict[str, int]:

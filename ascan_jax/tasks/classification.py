@@ -92,12 +92,13 @@ class Task:
     return len(self.source(self.config.data.train_split))
 
   def train_batches(self, sharding, total_steps: int, start_step: int = 0):
-    return pipeline.train_dataset(self.source(self.config.data.train_split), self.config,
-                                  sharding, total_steps, start_step)
+    return pipeline.train_dataset(self.source(self.config.data.train_split),
+                                  pipeline.ImageCodec.from_config(self.config), self.config, sharding,
+                                  total_steps, start_step)
 
   def eval_batches(self, sharding):
-    return pipeline.eval_dataset(self.source(self.config.data.eval_split), self.config,
-                                 sharding)
+    return pipeline.eval_dataset(self.source(self.config.data.eval_split),
+                                 pipeline.ImageCodec.from_config(self.config), self.config, sharding)
 
   # ---- model -------------------------------------------------------------------------------
   def build_model(self, **overrides) -> nn.Module:
@@ -125,10 +126,10 @@ class Task:
             "label": jax.random.randint(k2, (batch_size,), 0, self.config.data.num_classes),
             "mask": jnp.ones((batch_size,), jnp.float32)}
 
-  def init_variables(self, key):
+  def init_variables(self, key, model=None):
     s = self.config.data.image_size
-    return self.model.init({"params": key, "dropout": key}, jnp.zeros((1, s, s, 3), jnp.float32),
-                           train=False)
+    return (model or self.model).init({"params": key, "dropout": key},
+                                      jnp.zeros((1, s, s, 3), jnp.float32), train=False)
 
   def forward(self, variables, batch, model=None):
     """Inference logits of a batch (used by eval, summary and bench)."""

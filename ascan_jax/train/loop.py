@@ -152,9 +152,13 @@ def train(task, config, workdir: str):
         perf = progress.line(done, scalars, global_batch, jax.device_count())
         scalars.update(perf)
         scalars["perf/images_per_second"] = perf["perf/examples_per_second"]
+      if hasattr(task, "on_step"):  # e.g. sample grids of a generative task.
+        task.on_step(state, setup, done, workdir)
       eval_metrics = None
       if done % config.eval.every_steps == 0 or done == total:
         eval_metrics = _evaluate_all(evaluator, state, config)
+        if hasattr(task, "sample_evaluation"):  # metrics of generated samples.
+          eval_metrics.update(task.sample_evaluation(state, setup, done, workdir))
         logging.info("step %d eval: %s", done, eval_metrics)
         print(f"step {done} eval: " + "  ".join(
             f"{k}={v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)), flush=True)
@@ -193,6 +197,8 @@ def evaluate(task, config, workdir: str) -> dict:
                                       setup.state_shardings.params,
                                       setup.state_shardings.model_state)
   results = {"step": step, **_evaluate_all(evaluator, state, config)}
+  if hasattr(task, "sample_evaluation"):
+    results.update(task.sample_evaluation(state, setup, step, workdir))
   ckpt.close()
   if jax.process_index() == 0:
     fileio.append_line(fileio.join(workdir, "eval.jsonl"), json.dumps(results))
