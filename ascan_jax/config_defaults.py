@@ -52,6 +52,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # <= 0 disables clipping.
   c.optim.ema_decay = 0.9999  # 0 disables the EMA.
+  c.optim.ema_warmup = False  # decay_t = min(ema_decay, (1 + t) / (10 + t)) (short runs).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # one axis may be -1: all remaining devices.
@@ -81,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
   c.bench.warmup = 3
   c.bench.repeats = 10
   c.bench.min_seconds = 1.0  # each timing repeats the call until this much time has passed.
+  c.bench.measure_sampling = False  # generative tasks: also time full sampling at batch 64.
 
   c.summary = ml_collections.ConfigDict()
   c.summary.memory_batch_size = 64
@@ -178,6 +180,8 @@ def diffusion() -> ml_collections.ConfigDict:
   c.data.name = "imagenet2012"  # the images (for latent caching, pixel-space training, judges).
   c.data.data_dir = ""
   c.data.latent_dir = ""  # set: train on the latent cache there (tools.cache_latents).
+  c.data.latent_channels = 4  # the latent shape when the cache is absent (summary, bench);
+  c.data.latent_downsample = 8  # the cache's metadata wins when it exists (SD VAE: 4, x8).
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.image_size = 256
@@ -207,6 +211,7 @@ def diffusion() -> ml_collections.ConfigDict:
   c.sample.batch_size = 64
   c.sample.grid_every_steps = 5000  # a sample grid in DIR/samples during training.
   c.sample.vae_dir = ""  # latents: the diffusers VAE that decodes samples to images.
+  c.sample.clip_denoised = 0.0  # > 0: clip x0 estimates to [-c, c] (pixel space: 1.0).
 
   c.eval.judge_dir = ""  # a classification workdir whose classifier judges the samples.
   c.eval.train_judge = False  # if judge_dir holds no checkpoint: train judge_config there first.

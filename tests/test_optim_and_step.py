@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ascan_jax import tasks
@@ -10,6 +11,7 @@ from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.tasks import classification
 from ascan_jax.train import optim
 from ascan_jax.train import setup as setup_lib
+from ascan_jax.train import state as state_lib
 from ascan_jax.train import step as step_lib
 from configs import ascan_t
 
@@ -74,6 +76,23 @@ def test_ema_update():
   out = step_lib.ema_update(ema, new, 0.9)
   np.testing.assert_allclose(out["a"], [1.2, 2.4], rtol=1e-6)
   assert step_lib.ema_update(ema, new, 0.0) is new
+
+
+def test_ema_warmup_follows_early_weights_then_reaches_the_decay():
+  assert step_lib.ema_decay_at(5, 0.999, False) == 0.999
+  np.testing.assert_allclose(step_lib.ema_decay_at(0, 0.999, True), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(step_lib.ema_decay_at(90, 0.999, True), 91 / 100, rtol=1e-6)
+  np.testing.assert_allclose(step_lib.ema_decay_at(10**6, 0.999, True), 0.999, rtol=1e-6)
+  # In a train step the EMA of a first step with warm-up is 0.1 * init + 0.9 * new params.
+  tx = optax.sgd(1.0)
+  params = {"w": jnp.array([1.0])}
+  state = state_lib.make_init_fn(lambda k: {"params": params}, tx, seed=0)()
+  loss = lambda p, ms, b, k: (jnp.sum(p["w"] * b["x"]), (ms, {}))
+  for warmup, expected in ((True, 1.0 - 0.9 * 2.0), (False, 1.0 - 0.001 * 2.0)):
+    step = step_lib.make_train_step(loss, tx, lambda s: 1.0, ema_decay=0.999, ema_warmup=warmup)
+    new, _ = step(state, {"x": jnp.array([2.0])})
+    np.testing.assert_allclose(new.params["w"], [-1.0])
+    np.testing.assert_allclose(new.ema_params["w"], [expected], rtol=1e-6)
 
 
 def _aug(mixup=0.0, cutmix=0.0, switch=0.5):

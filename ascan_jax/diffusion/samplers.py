@@ -233,11 +233,13 @@ def initial_noise(key: jax.Array, shape) -> tuple[jax.Array, jax.Array]:
 def sample(eps_fn: Callable, shape, key: jax.Array, *, sampler: str, steps: int | None = None,
            schedule: NoiseSchedule, guidance: guidance_lib.CFG | None = None, dtype=jnp.float32,
            spacing: str | None = None, eta: float | None = None,
-           initial: jax.Array | None = None):
+           initial: jax.Array | None = None, clip_denoised: float | None = None):
   """Draws ``shape`` samples; returns ``(x0 in dtype, nfe)`` with nfe a Python int (as ``nfe``).
 
   ``initial`` is the starting noise x_T (e.g. drawn per sample from its own seed, so a sample
   does not depend on the batch it is drawn in); by default it is drawn from ``key``.
+  ``clip_denoised=c`` clips every x0 estimate to [-c, c] and uses the epsilon implied by the
+  clipped x0 (pixel-space data lives in [-1, 1]; diffusers' ``clip_sample``), for any sampler.
 
   Without guidance ``eps_fn(x_t, t)``; with ``guidance=guidance.cfg(schedule_or_scale, cond,
   null_cond)`` it is ``model_eps(x_t, t, cond)``. ``steps=None`` is the sampler's default; ``eta``
@@ -259,7 +261,13 @@ def sample(eps_fn: Callable, shape, key: jax.Array, *, sampler: str, steps: int 
 
   def den(x, t, step):
     t_batch = jnp.full((x.shape[0],), t, jnp.float32)
-    return step_eps(x.astype(dtype), t_batch, step).astype(jnp.float32)
+    eps = step_eps(x.astype(dtype), t_batch, step).astype(jnp.float32)
+    if clip_denoised:
+      abar = schedule.alpha_bar_at(t)
+      a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+      x0 = jnp.clip((x - s * eps) / a, -clip_denoised, clip_denoised)
+      eps = (x - a * x0) / s
+    return eps
 
   x_T, loop_key = initial_noise(key, shape)
   if initial is not None:

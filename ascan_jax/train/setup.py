@@ -55,7 +55,8 @@ def build(task, config, num_train_examples: int, mesh: Mesh | None = None) -> Se
   abstract, shardings = state_lib.abstract_state_and_shardings(init_fn, mesh, rules)
   batch_shardings = batch_shardings_for(task.input_spec(config.batch_size), mesh, rules)
   step = step_lib.make_train_step(task.loss_fn, tx, schedule, microbatches=config.microbatches,
-                                  ema_decay=config.optim.ema_decay)
+                                  ema_decay=config.optim.ema_decay,
+                                  ema_warmup=config.optim.ema_warmup)
   replicated = NamedSharding(mesh, P())
 
   def step_in_mesh(state, batch):

@@ -27,14 +27,24 @@ def _split_microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def ema_update(ema, new, decay: float):
-  if decay <= 0.0:
+def ema_update(ema, new, decay):
+  if isinstance(decay, float) and decay <= 0.0:
     return new
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, new)
 
 
+def ema_decay_at(step, decay: float, warmup: bool):
+  """``decay``, or with ``warmup`` ``min(decay, (1 + step) / (10 + step))``: early in a run the
+  EMA follows the weights closely instead of averaging in the untrained start."""
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
-                    *, microbatches: int = 1, ema_decay: float = 0.0):
+                    *, microbatches: int = 1, ema_decay: float = 0.0,
+                    ema_warmup: bool = False):
   """``step(state, batch) -> (state, metrics)``, to be jitted by the caller."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -62,10 +72,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup) if ema_decay > 0 else 0.0
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
-        ema_params=ema_update(state.ema_params, params, ema_decay),
-        ema_model_state=ema_update(state.ema_model_state, model_state, ema_decay))
+        ema_params=ema_update(state.ema_params, params, decay),
+        ema_model_state=ema_update(state.ema_model_state, model_state, decay))
     metrics = dict(metrics)
     metrics["train/loss"] = loss
     metrics["train/lr"] = schedule(state.step)
