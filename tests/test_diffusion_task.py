@@ -72,7 +72,7 @@ def test_sampling_is_seeded_per_sample_and_batch_independent(tiny):
   protocol = large.protocol(step=5, ema=True, num_samples=8, seed=3)
   assert protocol["nfe_per_sample"] == 6  # ddim, 3 steps, constant guidance: 2 passes a step.
   assert protocol["sampler"] == "ddim" and protocol["seed"] == 3
-  assert protocol["guidance_scales"] == [2.0, 2.0, 2.0]
+  assert protocol["guidance_scales"] == [3.0, 3.0, 3.0]
 
 
 def test_guidance_kinds_and_config_errors():
@@ -123,18 +123,22 @@ def test_train_with_sample_metrics_then_sample_and_eval_modes(tmp_path):
   assert 0.0 <= last["eval/sample_class_accuracy"] <= 1.0
   assert "train/loss_t0" in rows[0]
   files = sorted(os.listdir(run / "samples"))
-  assert {"grid_step0000003.png", "grid_step0000006.npz", "eval_step0000006.json"} <= set(files)
-  protocol = json.loads((run / "samples" / "eval_step0000006.json").read_text())
+  tag = "ddim3_constant3_seed"
+  assert f"grid_step0000003_{tag}0_ema.png" in files and f"grid_step0000006_{tag}0_ema.npz" in files
+  assert last["eval/sample_protocol"] == f"samples/eval_step0000006_{tag}1_ema.json"
+  assert last["eval/sample_nfe"] == 6
+  protocol = json.loads((run / last["eval/sample_protocol"]).read_text())
   assert protocol["checkpoint_step"] == 6 and protocol["ema"] is True
   assert protocol["num_samples"] == 20 and len(protocol["reference_sha256"]) == 64
   assert protocol["metrics"]["eval/fid"] == last["eval/fid"]
 
   helpers.run_main(*common, "--mode=sample", "--config.sample.classes=(3,7)",
                    "--config.sample.per_class=3", "--config.sample.seed=11")
-  out = np.load(run / "samples" / "sample_step0000006_seed11.npz")
+  out = np.load(run / "samples" / "sample_step0000006_ddim3_constant3_seed11_ema.npz")
   assert out["images"].shape == (6, 32, 32, 1)
   np.testing.assert_array_equal(out["labels"], [3, 3, 3, 7, 7, 7])
-  meta = json.loads((run / "samples" / "sample_step0000006_seed11.json").read_text())
+  meta = json.loads((run / "samples" / "sample_step0000006_ddim3_constant3_seed11_ema.json")
+                    .read_text())
   assert meta["seed"] == 11 and meta["checkpoint_step"] == 6 and meta["nfe_per_sample"] == 6
 
   helpers.run_main(*common, "--mode=eval")

@@ -57,3 +57,29 @@ def test_bench_mode_writes_throughput_and_mfu(tmp_path):
     assert x["examples_per_second"] > 0 and 0 < x["mfu"] < 1
     assert x["seconds_min"] <= x["seconds_median"] <= x["seconds_max"]
   assert r["peak_source"].startswith("measured")
+
+
+def test_imagenet256_diffusion_summary_is_about_400m(tmp_path):
+  """Paper: the class-conditional UNet has about 400M parameters (within 10 %)."""
+  helpers.run_main("--config=configs/imagenet256_diffusion.py", "--mode=summary",
+                   f"--workdir={tmp_path}", timeout=600)
+  s = json.loads((tmp_path / "summary.json").read_text())
+  assert abs(s["params"] - 400e6) / 400e6 < 0.10
+  assert s["input_shapes"]["latent"] == [32, 32, 4]  # SD VAE latents of 256x256 images.
+  assert 25e9 < s["macs"] < 40e9
+
+
+def test_diffusion_bench_reports_params_gflops_and_sampling_rate(tmp_path):
+  helpers.run_main(*helpers.TINY_DIFFUSION, "--mode=bench", f"--workdir={tmp_path}",
+                   "--config.bench.repeats=2", "--config.bench.warmup=1",
+                   "--config.bench.min_seconds=0", "--config.bench.batch_sizes=(1,4)",
+                   "--config.bench.train_batch_size=0", "--config.bench.measure_sampling=True",
+                   timeout=600)
+  r = json.loads((tmp_path / "bench.json").read_text())
+  assert r["params"] > 0 and r["train"] is None
+  assert abs(r["gflops_per_example"] - 2 * r["macs_per_example"] / 1e9) < 1e-9
+  s = r["sampling"]
+  assert s["sampler"] == "ddim" and s["nfe_per_sample"] == 6 and s["batch"] == 4
+  fwd = r["inference"]["4"]["examples_per_second"]
+  assert abs(s["samples_per_second_from_forward"] - fwd / 6) < 1e-6 * fwd
+  assert s["samples_per_second_measured"] > 0

@@ -3,9 +3,9 @@
 ``Generator`` jits one sampling call (sampler, steps, guidance from ``config.sample``) over the
 whole mesh: labels and the starting noise are split over the data-parallel devices, parameters
 keep their training shardings. Sample ``i`` starts from noise drawn with
-``fold_in(split(key(seed))[0], i)``, so with the deterministic samplers (ddim, euler, heun, dpmpp_2m) a
-sample is the same whatever batch or device count it is drawn with. Outputs are decoded to uint8
-images (pixel space: from [-1, 1]; latent space: through the configured VAE).
+``fold_in(split(key(seed))[0], i)``, so with the deterministic samplers (ddim, euler, heun,
+dpmpp_2m) a sample is the same whatever batch or device count it is drawn with. Outputs are
+decoded to uint8 images (pixel space: from [-1, 1]; latent space: through the configured VAE).
 
 ``protocol()`` is written beside every set of samples and every reported number: sampler,
 steps, spacing, guidance (kind, scales), NFE per sample, seed, checkpoint step, EMA or raw,
@@ -88,11 +88,20 @@ class Generator:
         eps_fn, g = model_eps, guidance_lib.cfg(self.schedule, labels, null)
       x0, _ = samplers.sample(eps_fn, shape, loop_key, sampler=s.sampler,
                               steps=s.steps, schedule=task.schedule, guidance=g,
-                              dtype=task.dtype, spacing=self.spacing, initial=noise)
+                              dtype=task.dtype, spacing=self.spacing, initial=noise,
+                              clip_denoised=s.clip_denoised or None)
       return decode(vae_params, x0)
 
     self._draw = jax.jit(draw, in_shardings=(param_shardings, replicated, labels_sharding,
                                              labels_sharding, None), out_shardings=batch)
+
+  def tag(self, seed: int, ema: bool) -> str:
+    """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
+    s = self.config.sample
+    g = {"none": "noguidance", "constant": f"constant{s.scale:g}",
+         "interval": f"interval{s.scale:g}_{s.start_step}to{s.end_step}",
+         "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_{s.start_step}to{s.end_step}"}[s.guidance]
+    return f"{s.sampler}{s.steps}_{g}_seed{seed}_{'ema' if ema else 'raw'}"
 
   def nfe(self) -> int:
     s = self.config.sample
@@ -107,10 +116,12 @@ class Generator:
         "guidance_scales": (None if self.schedule is None
                             else [float(x) for x in self.schedule.scales(s.steps)]),
         "nfe_per_sample": self.nfe(), "seed": seed, "checkpoint_step": step, "ema": ema,
+        "clip_denoised": s.clip_denoised or None,
         "num_samples": num_samples,
         "schedule": {"num_train_steps": d.num_train_steps, "beta_start": d.beta_start,
                      "beta_end": d.beta_end, "kind": d.schedule},
-        "vae_dir": self.config.sample.vae_dir or None, "sample_shape": list(self.task.sample_shape()),
+        "vae_dir": self.config.sample.vae_dir or None,
+        "sample_shape": list(self.task.sample_shape()),
     }
 
   def __call__(self, params, labels: np.ndarray, seed: int, progress: bool = False) -> np.ndarray:

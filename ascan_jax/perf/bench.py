@@ -89,13 +89,16 @@ def run_benchmark(task, config) -> dict:
   counted = summary_lib.count_forward_macs(task, model, summary_lib.abstract_variables(task,
                                                                                        model))
   macs = counted["macs"]
+  params = sum(int(x.size) for x in jax.tree.leaves(
+      summary_lib.abstract_variables(task, model)["params"]))
   peak, peak_source = peaks.peak_flops(device, dtype)
   result = {
       "task": config.task, "device_kind": device.device_kind, "platform": device.platform,
       "num_devices": jax.device_count(), "compute_dtype": jnp.dtype(dtype).name,
       "image_size": config.data.image_size if "data" in config else None,
       "attention_impl": config.model.attention_impl if "model" in config else None,
-      "macs_per_example": macs, "peak_flops_per_device": peak, "peak_source": peak_source,
+      "params": params, "macs_per_example": macs, "gflops_per_example": 2.0 * macs / 1e9,
+      "peak_flops_per_device": peak, "peak_source": peak_source,
       "host": platform.node(), "jax_version": jax.__version__,
       "warmup": config.bench.warmup, "repeats": config.bench.repeats,
       "min_seconds": config.bench.min_seconds, "inference": {}, "train": None,
@@ -109,18 +112,25 @@ def run_benchmark(task, config) -> dict:
     r["mfu"] = 6.0 * macs * r["examples_per_second"] / (peak * r["devices"])
     r["examples_per_second_per_device"] = r["examples_per_second"] / r["devices"]
     result["train"] = r
+  if hasattr(task, "bench_sampling"):  # generative tasks: whole samples per second.
+    result["sampling"] = task.bench_sampling(result)
   return result
 
 
 def format_table(r: dict) -> str:
   lines = [f"device: {r['device_kind']} x{r['num_devices']} ({r['platform']}), "
-           f"dtype {r['compute_dtype']}, {r['macs_per_example'] / 1e9:.3f} GMACs/example, "
+           f"dtype {r['compute_dtype']}, {r['params'] / 1e6:.2f} M params, "
+           f"{r['macs_per_example'] / 1e9:.3f} GMACs/example, "
            f"peak {r['peak_flops_per_device'] / 1e12:.3f} TFLOP/s ({r['peak_source']})",
            f"{'mode':<10} {'batch':>6} {'ex/s (median)':>14} {'min..max ex/s':>20} {'MFU':>7}"]
   for b, x in r["inference"].items():
     lo, hi = int(b) / x["seconds_max"], int(b) / x["seconds_min"]
     lines.append(f"{'inference':<10} {b:>6} {x['examples_per_second']:>14.1f} "
                  f"{lo:>9.1f}..{hi:<10.1f} {100 * x['mfu']:>6.2f}%")
+  s = r.get("sampling")
+  if s:
+    for k, v in s.items():
+      lines.append(f"sampling: {k} = {v}")
   t = r.get("train")
   if t:
     b = int(round(t["examples_per_second"] * t["seconds_median"]))

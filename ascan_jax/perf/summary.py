@@ -84,6 +84,8 @@ def summarize(task, config) -> dict:
                head_dim=m.head_dim, embed_dim=m.embed_dim)
   if "data" in config and "image_size" in config.data:
     out["image_size"] = config.data.image_size
+  out["input_shapes"] = {k: list(v.shape[1:]) for k, v in task.input_spec(1).items()
+                         if len(v.shape) > 1}
   out.update(count_forward_macs(task, model, variables))
   out["gmacs"] = out["macs"] / 1e9
   mem_batch = config.summary.memory_batch_size
@@ -99,7 +101,7 @@ def format_table(s: dict) -> str:
           ("MACs / example", f"{s['macs'] / 1e9:.3f} G (conv {s['conv_macs'] / 1e9:.3f} G, "
                              f"dot {s['dot_macs'] / 1e9:.3f} G)"),
           ("XLA flops / example", f"{s['xla_flops'] / 1e9:.3f} G")]
-  for key in ("layout", "widths", "depths", "heads", "image_size"):
+  for key in ("layout", "widths", "depths", "heads", "image_size", "input_shapes"):
     if key in s:
       rows.append((key, str(s[key])))
   rows.append((f"inference memory (batch {s['memory_batch_size']}, {s['compute_dtype']})",

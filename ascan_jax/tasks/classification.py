@@ -92,13 +92,14 @@ class Task:
     return len(self.source(self.config.data.train_split))
 
   def train_batches(self, sharding, total_steps: int, start_step: int = 0):
-    return pipeline.train_dataset(self.source(self.config.data.train_split),
-                                  pipeline.ImageCodec.from_config(self.config), self.config, sharding,
-                                  total_steps, start_step)
+    codec = pipeline.ImageCodec.from_config(self.config)
+    return pipeline.train_dataset(self.source(self.config.data.train_split), codec, self.config,
+                                  sharding, total_steps, start_step)
 
   def eval_batches(self, sharding):
-    return pipeline.eval_dataset(self.source(self.config.data.eval_split),
-                                 pipeline.ImageCodec.from_config(self.config), self.config, sharding)
+    codec = pipeline.ImageCodec.from_config(self.config)
+    return pipeline.eval_dataset(self.source(self.config.data.eval_split), codec, self.config,
+                                 sharding)
 
   # ---- model -------------------------------------------------------------------------------
   def build_model(self, **overrides) -> nn.Module:

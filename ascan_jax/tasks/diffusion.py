@@ -90,8 +90,14 @@ class Task:
     self.schedule = schedule_lib.NoiseSchedule(num_train_steps=d.num_train_steps,
                                                beta_start=d.beta_start, beta_end=d.beta_end,
                                                kind=d.schedule)
-    self.latent_meta = (latents_lib.read_metadata(config.data.latent_dir)
-                        if config.data.latent_dir else None)
+    self.latent_meta = None
+    if config.data.latent_dir:
+      try:
+        self.latent_meta = latents_lib.read_metadata(config.data.latent_dir)
+      except sources.DatasetNotFoundError as e:  # summary/bench need no data: assume the shape.
+        s, f = config.data.image_size, config.data.latent_downsample
+        self.latent_meta = {"latent_shape": [s // f, s // f, config.data.latent_channels],
+                            "missing": str(e)}
     self.null_label = config.data.num_classes
     self.model = self.build_model()
     self._sources = {}
@@ -170,6 +176,8 @@ class Task:
   # ---- data --------------------------------------------------------------------------------
   def source(self, split: str):
     if split not in self._sources:
+      if self.latent_meta is not None and "missing" in self.latent_meta:
+        raise sources.DatasetNotFoundError(self.latent_meta["missing"])
       if self.latent_meta is not None:
         self._sources[split] = latents_lib.LatentSource(self.config.data.latent_dir, split)
       else:
@@ -293,9 +301,10 @@ class Task:
     labels = self._grid_labels()
     images = gen(params, labels, s.seed)
     if jax.process_index() == 0:
-      generate.write_outputs(fileio.join(workdir, "samples"), f"grid_step{step:07d}", images,
-                             labels, gen.protocol(step=step, ema=s.ema, num_samples=len(labels),
-                                                  seed=s.seed), columns=s.per_class)
+      generate.write_outputs(fileio.join(workdir, "samples"),
+                             f"grid_step{step:07d}_{gen.tag(s.seed, s.ema)}", images, labels,
+                             gen.protocol(step=step, ema=s.ema, num_samples=len(labels),
+                                          seed=s.seed), columns=s.per_class)
 
   def _load_judge(self):
     if self._judge is None:
@@ -309,6 +318,32 @@ class Task:
                          f"the samples are {self.config.data.image_size}px")
       self._real_features = self._judge.real_features(limit=e.real_samples)
     return self._judge
+
+  def bench_sampling(self, result: dict) -> dict:
+    """Whole samples per second: NFE of the configured sampler, the rate implied by the measured
+    forward throughput at the largest benchmarked batch and, with ``bench.measure_sampling``, a
+    timed sampling run of that many samples (the paper's Table 4 uses batch 64)."""
+    from ascan_jax.diffusion import samplers
+    s = self.config.sample
+    nfe = samplers.nfe(s.sampler, s.steps, generate.guidance_schedule(s))
+    batch = max(int(b) for b in result["inference"])
+    fwd = result["inference"][str(batch)]["examples_per_second"]
+    out = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+           "nfe_per_sample": nfe, "batch": batch,
+           "samples_per_second_from_forward": fwd / nfe}
+    if self.config.bench.measure_sampling:
+      import time
+      from ascan_jax.train import setup as setup_lib
+      setup = setup_lib.build(self, self.config, self.config.batch_size * 1000)
+      state = setup_lib.create_state(setup)
+      gen = generate.Generator(self, setup.mesh, setup.rules, setup.state_shardings.params,
+                               batch)
+      labels = np.arange(batch) % self.config.data.num_classes
+      gen(state.params, labels, 0)  # compile
+      t0 = time.perf_counter()
+      gen(state.params, labels, 1)
+      out["samples_per_second_measured"] = batch / (time.perf_counter() - t0)
+    return out
 
   def _load_inception(self):
     if self._inception is None:
@@ -345,12 +380,15 @@ class Task:
       inception = self._load_inception()
       metrics.update({f"eval/{k}": v for k, v in inception.evaluate(images).items()})
       protocol.update(inception.protocol(len(images)))
+    name = f"eval_step{step:07d}_{gen.tag(seed, s.ema)}"
     if jax.process_index() == 0:
       protocol["metrics"] = metrics
       order = np.argsort(labels[:100], kind="stable")
-      generate.write_outputs(fileio.join(workdir, "samples"), f"eval_step{step:07d}",
+      generate.write_outputs(fileio.join(workdir, "samples"), name,
                              images[:100][order], labels[:100][order], protocol,
                              columns=max(1, min(10, len(order) // max(1, num_classes))))
+    metrics["eval/sample_protocol"] = f"samples/{name}.json"
+    metrics["eval/sample_nfe"] = gen.nfe()
     return metrics
 
   def sample(self, config, workdir: str) -> dict:
@@ -375,8 +413,8 @@ class Task:
     if jax.process_index() == 0:
       protocol = gen.protocol(step=step, ema=s.ema, num_samples=len(labels), seed=s.seed)
       paths = generate.write_outputs(fileio.join(workdir, "samples"),
-                                     f"sample_step{step:07d}_seed{s.seed}", images, labels,
-                                     protocol, columns=s.per_class)
+                                     f"sample_step{step:07d}_{gen.tag(s.seed, s.ema)}", images,
+                                     labels, protocol, columns=s.per_class)
       print(f"wrote {len(labels)} samples: {paths['png']}, {paths['npz']}, {paths['json']}",
             flush=True)
       logging.info("samples: %s", paths)

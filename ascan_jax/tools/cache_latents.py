@@ -15,7 +15,6 @@ so an interrupted run resumes by skipping the finished shards. Process 0 writes
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os

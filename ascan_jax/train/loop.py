@@ -161,7 +161,8 @@ def train(task, config, workdir: str):
           eval_metrics.update(task.sample_evaluation(state, setup, done, workdir))
         logging.info("step %d eval: %s", done, eval_metrics)
         print(f"step {done} eval: " + "  ".join(
-            f"{k}={v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)), flush=True)
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in eval_metrics.items()), flush=True)
         scalars = {**(scalars or {}), **eval_metrics}
       if scalars is not None:
         writer.write(done, scalars)

@@ -51,8 +51,8 @@ class MetricWriter:
   def write(self, step: int, scalars: dict) -> None:
     if not self.is_main:
       return
-    record = {"step": int(step), **{k: _clean(float(v)) if isinstance(v, (int, float)) or hasattr(
-        v, "__float__") else v for k, v in scalars.items()}}
+    record = {"step": int(step), **{k: v if isinstance(v, str) else _clean(float(v))
+                                    for k, v in scalars.items()}}
     fileio.append_line(self.path, json.dumps(record))
     if self._tb is not None:
       for k, v in record.items():
