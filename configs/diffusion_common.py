@@ -77,12 +77,14 @@ def _runlocal(c):
   c.optim.end_lr = 1e-5
   c.optim.warmup_steps = 200
   c.optim.ema_decay = 0.999
+  c.optim.ema_warmup = True
   c.log.every_steps = 50
   c.eval.every_steps = 3000
   c.checkpoint.every_steps = 500
   c.sample.guidance = "constant"
-  c.sample.scale = 2.0
+  c.sample.scale = 3.0  # measured: judged accuracy 0.62 / 0.87 / 0.94 at scales 1 / 2 / 3.
   c.sample.batch_size = 250
+  c.sample.clip_denoised = 1.0  # pixel space.
   c.sample.per_class = 10
   c.sample.grid_every_steps = 1000
   c.eval.num_samples = 1000

@@ -59,4 +59,4 @@ TINY_CLASSIFIER = [
     "--config=configs/ascan_t.py:runlocal", "--config.model.layout=C-CT-CT-CT",
     "--config.model.widths=(16,32,64,64)", "--config.model.stem_width=16",
     "--config.model.head_dim=16", "--config.model.embed_dim=64", "--config.batch_size=32",
-    "--config.eval_batch_size=250", "--config.log.every_steps=10"]
+    "--config.eval_batch_size=200", "--config.log.every_steps=10"]

@@ -23,7 +23,8 @@ def _config(**data):
 
 
 def _train(src, c, sharding, total_steps, start_step=0):
-  return pipeline.train_dataset(src, pipeline.ImageCodec.from_config(c), c, sharding, total_steps, start_step)
+  codec = pipeline.ImageCodec.from_config(c)
+  return pipeline.train_dataset(src, codec, c, sharding, total_steps, start_step)
 
 
 def _take(iterable, n):
@@ -104,7 +105,8 @@ def test_eval_counts_every_example_once_across_processes():
   seen = []
   total_mask = 0.0
   for p in range(2):
-    for batch in pipeline.eval_dataset(src, pipeline.ImageCodec.from_config(c), c, pipeline.Sharding(p, 2)):
+    codec = pipeline.ImageCodec.from_config(c)
+    for batch in pipeline.eval_dataset(src, codec, c, pipeline.Sharding(p, 2)):
       assert batch["image"].shape == (3, 32, 32, 3)
       seen += [int(i) for i, m in zip(batch["index"], batch["mask"]) if m > 0]
       total_mask += float(batch["mask"].sum())

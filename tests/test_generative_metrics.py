@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests import torch_reference
 
 from ascan_jax.eval import generative_metrics as gm
@@ -166,22 +167,11 @@ def test_reference_round_trip_and_validation(tmp_path):
 
 def test_compute_reference_stats_tool(tmp_path):
   """End to end on random weights: .npz of uint8 images -> ADM-format statistics."""
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
   from ascan_jax.models import inception
   from ascan_jax.tools import compute_reference_stats as tool
 
   rng = np.random.default_rng(0)
-  flat = {}
-  for key, shape in inception.expected_shapes().items():
-    if key.endswith("/kernel"):
-      fan_in = int(np.prod(shape[:-1]))
-      flat[key] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-    elif key.endswith("/var") or key.endswith("/scale"):
-      flat[key] = np.ones(shape, np.float32)
-    else:
-      flat[key] = np.zeros(shape, np.float32)
-  weights = str(tmp_path / "w.safetensors")
-  safetensors_numpy.save_file(flat, weights)
+  weights = helpers.random_inception_weights(tmp_path / "w.safetensors")
   images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
   src = str(tmp_path / "images.npz")
   np.savez(src, arr_0=images)

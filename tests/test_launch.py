@@ -192,7 +192,8 @@ def test_tpu_dry_run_prints_every_step_and_calls_nothing(env):
   # (b) unpack and install on every worker; the worker side is shown too.
   setup = next(c for c in gcloud if "--worker_setup" in c)
   assert "ssh my-tpu --worker=all" in setup and "tar -xzf" in setup
-  assert re.search(r"pip install .*-r \S*requirements\.txt '?jax\[tpu\]==" + re.escape(JAX_PIN), out)
+  assert re.search(r"pip install .*-r \S*requirements\.txt '?jax\[tpu\]=="
+                   + re.escape(JAX_PIN), out)
   assert "python3 -m venv" in out and ".ascan-requirements-" in out
   # (c) the same main.py command on every worker at once, with workdir, config and passthrough.
   run = next(c for c in gcloud if "--worker_run" in c)

@@ -11,12 +11,9 @@ import pytest
 from tests import helpers
 
 TOTAL = 20
-TINY = ["--config=configs/ascan_t.py:runlocal",
-        "--config.model.layout=C-CT-CT-CT", "--config.model.widths=(16,32,64,64)",
-        "--config.model.stem_width=16", "--config.model.head_dim=16",
-        "--config.model.embed_dim=64", "--config.batch_size=32", "--config.eval_batch_size=250",
-        f"--config.total_steps={TOTAL}", "--config.optim.warmup_steps=5",
-        "--config.log.every_steps=1", "--config.checkpoint.every_steps=4",
+TINY = [*helpers.TINY_CLASSIFIER, f"--config.total_steps={TOTAL}",
+        "--config.optim.warmup_steps=5", "--config.log.every_steps=1",
+        "--config.checkpoint.every_steps=4",
         "--config.eval.every_steps=10", "--config.augment.mixup_alpha=0.8",
         "--config.augment.cutmix_alpha=1.0"]
 

@@ -5,6 +5,7 @@ torchvision's PyPI wheel is a CUDA build; on CPU torch its C++ ops are missing a
 imports and pytorch-fid, which import it). Defining the two operator schemas it looks up makes its
 pure-Python parts importable. Done once per process, and only when the plain import fails.
 """
+import importlib
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ _TORCHVISION_SCHEMAS = None  # kept alive: dropping the Library unregisters the 
 def _make_torchvision_importable(torch) -> None:
   global _TORCHVISION_SCHEMAS
   try:
-    import torchvision  # noqa: F401
+    importlib.import_module("torchvision")
     return
   except ImportError:
     return  # not installed: nothing to fix (tests that need it skip themselves).
@@ -27,7 +28,7 @@ def _make_torchvision_importable(torch) -> None:
   _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
   _TORCHVISION_SCHEMAS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
   _TORCHVISION_SCHEMAS.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  import torchvision  # noqa: F401,F811
+  importlib.import_module("torchvision")
 
 
 def import_torch():
