@@ -73,6 +73,12 @@ def test_sampling_is_seeded_per_sample_and_batch_independent(tiny):
   assert protocol["nfe_per_sample"] == 6  # ddim, 3 steps, constant guidance: 2 passes a step.
   assert protocol["sampler"] == "ddim" and protocol["seed"] == 3
   assert protocol["guidance_scales"] == [3.0, 3.0, 3.0]
+  assert large.tag(3, True) == "ddim3_constant3_seed3_ema"
+  s = task.config.sample
+  old = (s.guidance, s.end_step)
+  s.guidance, s.end_step = "ramp", -1
+  assert large.tag(0, False) == "ddim3_ramp1.1to3.6_steps5toend_seed0_raw"
+  s.guidance, s.end_step = old
 
 
 def test_guidance_kinds_and_config_errors():

@@ -98,9 +98,10 @@ class Generator:
   def tag(self, seed: int, ema: bool) -> str:
     """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
     s = self.config.sample
+    end = "end" if s.end_step < 0 else s.end_step
     g = {"none": "noguidance", "constant": f"constant{s.scale:g}",
-         "interval": f"interval{s.scale:g}_{s.start_step}to{s.end_step}",
-         "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_{s.start_step}to{s.end_step}"}[s.guidance]
+         "interval": f"interval{s.scale:g}_steps{s.start_step}to{end}",
+         "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_steps{s.start_step}to{end}"}[s.guidance]
     return f"{s.sampler}{s.steps}_{g}_seed{seed}_{'ema' if ema else 'raw'}"
 
   def nfe(self) -> int:
