@@ -77,5 +77,5 @@ def test_cache_resume_and_train_from_latents(tmp_path):
   rows = helpers.read_jsonl(run / "metrics.jsonl")
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
   assert np.isfinite(rows[-1]["eval/loss"])
-  grid = np.load(run / "samples" / "grid_step0000004.npz")
+  grid = np.load(run / "samples" / "grid_step0000004_ddim3_constant3_seed0_ema.npz")
   assert grid["images"].shape == (20, 32, 32, 3)  # decoded by the VAE to RGB pixels.
