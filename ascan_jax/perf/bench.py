@@ -86,11 +86,9 @@ def run_benchmark(task, config) -> dict:
   device = jax.devices()[0]
   dtype = task.dtype
   model = task.build_model(attention_impl="xla")
-  counted = summary_lib.count_forward_macs(task, model, summary_lib.abstract_variables(task,
-                                                                                       model))
-  macs = counted["macs"]
-  params = sum(int(x.size) for x in jax.tree.leaves(
-      summary_lib.abstract_variables(task, model)["params"]))
+  variables = summary_lib.abstract_variables(task, model)
+  macs = summary_lib.count_forward_macs(task, model, variables)["macs"]
+  params = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
   peak, peak_source = peaks.peak_flops(device, dtype)
   result = {
       "task": config.task, "device_kind": device.device_kind, "platform": device.platform,

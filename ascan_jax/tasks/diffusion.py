@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,7 @@ from ascan_jax.data import latents as latents_lib
 from ascan_jax.data import pipeline
 from ascan_jax.data import sources
 from ascan_jax.diffusion import generate
+from ascan_jax.diffusion import samplers
 from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.models import conditioning
 from ascan_jax.models import unet as unet_lib
@@ -323,7 +325,6 @@ class Task:
     """Whole samples per second: NFE of the configured sampler, the rate implied by the measured
     forward throughput at the largest benchmarked batch and, with ``bench.measure_sampling``, a
     timed sampling run of that many samples (the paper's Table 4 uses batch 64)."""
-    from ascan_jax.diffusion import samplers
     s = self.config.sample
     nfe = samplers.nfe(s.sampler, s.steps, generate.guidance_schedule(s))
     batch = max(int(b) for b in result["inference"])
@@ -332,7 +333,6 @@ class Task:
            "nfe_per_sample": nfe, "batch": batch,
            "samples_per_second_from_forward": fwd / nfe}
     if self.config.bench.measure_sampling:
-      import time
       from ascan_jax.train import setup as setup_lib
       setup = setup_lib.build(self, self.config, self.config.batch_size * 1000)
       state = setup_lib.create_state(setup)
