@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ascan_jax.models import attention
-from ascan_jax.train import setup as setup_lib
+from ascan_jax.parallel import sharding as sharding_lib
 
 
 def _qkv(b, n, h, d, key=0, dtype=jnp.float32):
@@ -72,7 +72,7 @@ def test_pallas_under_a_mesh_runs_per_shard():
   ref = attention.dot_product_attention(q, k, v, bias, implementation="xla")
 
   def f(q, k, v, bias):
-    with setup_lib.in_mesh(mesh, rules):
+    with sharding_lib.in_mesh(mesh, rules):
       return attention._pallas_attention_sharded(q, k, v, bias, 32 ** -0.5)
 
   with pltpu.force_tpu_interpret_mode():

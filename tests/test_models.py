@@ -67,7 +67,7 @@ def test_macs_match_targets(variant):
 
 def test_real_forward_runs_at_train_and_other_resolution():
   model = ascan.AsCAN(layout="C-CCT-CT-T", widths=(16, 32, 32, 64), stem_width=16,
-                      num_classes=7, embed_dim=32, head_dim=16, train_image_size=64,
+                      num_classes=7, embed_dim=32, head_dim=16, table_image_size=64,
                       attention_impl="xla")
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   for size in (64, 96):
@@ -88,7 +88,7 @@ def _apply(model, variables, x, train, key=None):
 
 def _tiny(drop_path=0.5, **kw):
   return ascan.AsCAN(layout="C-CT-CT-T", widths=(8, 16, 16, 32), stem_width=8, num_classes=5,
-                     embed_dim=16, head_dim=8, train_image_size=32, drop_path_rate=drop_path,
+                     embed_dim=16, head_dim=8, table_image_size=32, drop_path_rate=drop_path,
                      attention_impl="xla", **kw)
 
 
@@ -175,7 +175,7 @@ def test_conv_block_downsamples_and_widens():
 
 def test_t_first_stage_gets_a_downsample():
   model = ascan.AsCAN(layout="C-TC-TT-T", widths=(8, 16, 16, 32), stem_width=8, num_classes=3,
-                      embed_dim=16, head_dim=8, train_image_size=32, attention_impl="xla")
+                      embed_dim=16, head_dim=8, table_image_size=32, attention_impl="xla")
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert "stage2_downsample" in variables["params"]
   assert "stage1_downsample" not in variables["params"]

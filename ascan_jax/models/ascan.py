@@ -6,6 +6,13 @@ average pool, linear classifier). Every stage halves the resolution in its first
 224x224 the stages run at 56, 28, 14 and 7 pixels.
 
 Widths and depths of AsCAN-T/B/L, and why, are in ``ascan_jax.models.variants``.
+
+Relative position tables are sized for the grids of ``table_image_size`` (a model setting, not
+the data's size): stride-2 SAME convolutions give ``ceil(size / 2)`` per halving, and so does
+``stage_grids``. At other input sizes the tables are resized at run time; a warm start into a
+model with another ``table_image_size`` resizes them once on load (``train.init_from``).
+``features_only=True`` builds the backbone without the head and classifier (dense heads such as
+UperNet): the call returns the four stage outputs.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ class AsCAN(nn.Module):
   drop_path_rate: float = 0.0
   head_dropout: float = 0.0
   bn_momentum: float = 0.9
-  train_image_size: int = 224
+  table_image_size: int = 224
+  features_only: bool = False
   attention_impl: str = "auto"
   remat_policy: str = "none"
   dtype: Any = jnp.float32
@@ -45,11 +53,18 @@ class AsCAN(nn.Module):
   def stages(self) -> tuple[str, ...]:
     return layout_lib.parse_layout(self.layout, num_stages=len(self.widths))
 
+  def stage_grids(self, image_size: int | None = None) -> list[int]:
+    """Side of each stage's feature map for square ``image_size`` inputs (default
+    ``table_image_size``): the stem and every stage halve it, rounding up like SAME padding."""
+    size = self.table_image_size if image_size is None else image_size
+    return stage_grids(size, len(self.widths))
+
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, return_features: bool = False,
                return_embedding: bool = False):
     """Logits; with ``return_features`` also the four stage outputs (for dense heads), with
-    ``return_embedding`` also the pooled pre-logits embedding (for feature-space metrics)."""
+    ``return_embedding`` also the pooled pre-logits embedding (for feature-space metrics).
+    With ``features_only`` (a module setting) just the list of stage outputs."""
     stages = self.stages()
     x = images.astype(self.dtype)
     x = blocks.conv(self.stem_width, 3, 2, dtype=self.dtype, name="stem_conv1")(x)
@@ -61,11 +76,11 @@ class AsCAN(nn.Module):
     conv_block = remat_lib.maybe_remat(blocks.ConvBlock, self.remat_policy)
     attn_block = remat_lib.maybe_remat(blocks.TransformerBlock, self.remat_policy)
     total = sum(len(s) for s in stages)
-    grid = self.train_image_size // 2
+    grids = self.stage_grids()
     block_id = 0
     features = []
     for s, (stage, width) in enumerate(zip(stages, self.widths)):
-      grid = max(1, grid // 2)
+      grid = grids[s]
       for i, kind in enumerate(stage):
         rate = self.drop_path_rate * block_id / max(1, total - 1)
         name = f"stage{s + 1}_block{i + 1}_{kind}"
@@ -85,6 +100,8 @@ class AsCAN(nn.Module):
                          name=name)(x, train)
         block_id += 1
       features.append(x)
+    if self.features_only:
+      return features
 
     x = blocks.conv(self.embed_dim, 1, dtype=self.dtype, name="head_conv")(x)
     x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "head_bn")(x))
@@ -104,3 +121,14 @@ class AsCAN(nn.Module):
     if return_embedding:
       return logits, embedding
     return logits
+
+
+def stage_grids(image_size: int, num_stages: int = 4) -> list[int]:
+  """Feature-map sides of the stages for ``image_size`` inputs: ceil-halved by the stem, then
+  by every stage (``stage_grids(240)`` is ``[60, 30, 15, 8]``)."""
+  size = -(-int(image_size) // 2)
+  out = []
+  for _ in range(num_stages):
+    size = -(-size // 2)
+    out.append(size)
+  return out

@@ -167,6 +167,20 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
   return rel
 
 
+def resize_relative_position_table(table: jax.Array, height: int, width: int) -> jax.Array:
+  """A ``[heads, 2h'-1, 2w'-1]`` table resized bilinearly to ``[heads, 2*height-1, 2*width-1]``.
+
+  Half-pixel centres map the centre of the old table (offset 0) onto the centre of the new one,
+  so offset 0 keeps its value exactly; an unchanged grid returns the table itself. Used at run
+  time for inputs at another resolution and by warm starts (``train.init_from``) that move a
+  checkpoint to a new grid.
+  """
+  target = (table.shape[0], 2 * height - 1, 2 * width - 1)
+  if tuple(table.shape) == target:
+    return table
+  return jax.image.resize(table, target, "bilinear")
+
+
 class RelativePositionBias(nn.Module):
   """Learned 2-D relative position bias, one table per head (Swin/MaxViT style).
 
@@ -184,8 +198,7 @@ class RelativePositionBias(nn.Module):
         "table",
         nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), ("heads", None, None)),
         (self.num_heads, 2 * gh - 1, 2 * gw - 1), jnp.float32)
-    if (height, width) != (gh, gw):
-      table = jax.image.resize(table, (self.num_heads, 2 * height - 1, 2 * width - 1), "bilinear")
+    table = resize_relative_position_table(table, height, width)
     idx = relative_position_index(height, width)
     bias = table[:, idx[..., 0], idx[..., 1]]  # [heads, hw, hw]
     return bias[None]

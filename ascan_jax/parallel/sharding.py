@@ -8,6 +8,7 @@ are replicated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -61,3 +62,15 @@ def batch_sharding(mesh: Mesh, rules, ndim: int, batch_dim_size: int) -> NamedSh
   spec = spec_for(("batch",) + (None,) * (ndim - 1), (batch_dim_size,) + (1,) * (ndim - 1),
                   mesh, rules)
   return NamedSharding(mesh, spec)
+
+
+def batch_shardings_for(spec: dict, mesh: Mesh, rules) -> dict:
+  """Batch shardings for a dict of arrays or ``ShapeDtypeStruct``s (leading dim = batch)."""
+  return {k: batch_sharding(mesh, rules, len(v.shape), v.shape[0]) for k, v in spec.items()}
+
+
+@contextlib.contextmanager
+def in_mesh(mesh: Mesh, rules):
+  """Trace-time context: flax's logical constraints see the mesh and the rules."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield

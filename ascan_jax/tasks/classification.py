@@ -109,7 +109,7 @@ class Task:
                   head_dim=m.head_dim, mlp_ratio=m.mlp_ratio, expand_ratio=m.expand_ratio,
                   se_ratio=m.se_ratio, drop_path_rate=m.drop_path_rate,
                   head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
-                  train_image_size=self.config.data.image_size,
+                  table_image_size=self.config.data.image_size,
                   attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype)
     kwargs.update(overrides)
     return ascan.AsCAN(**kwargs)

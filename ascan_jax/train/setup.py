@@ -34,16 +34,8 @@ class Setup:
   train_step: Callable  # jitted: (state, batch) -> (state, metrics); the state is donated.
 
 
-@contextlib.contextmanager
-def in_mesh(mesh: Mesh, rules):
-  """Trace-time context: flax's logical constraints see the mesh and the rules."""
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-    yield
-
-
-def batch_shardings_for(spec: dict, mesh: Mesh, rules) -> dict:
-  return {k: sharding_lib.batch_sharding(mesh, rules, len(v.shape), v.shape[0])
-          for k, v in spec.items()}
+in_mesh = sharding_lib.in_mesh
+batch_shardings_for = sharding_lib.batch_shardings_for
 
 
 def build(task, config, num_train_examples: int, mesh: Mesh | None = None) -> Setup:
