@@ -1,12 +1,15 @@
-"""The attention function: implementations agree with ``xla``; relative position bias."""
+"""The attention function: implementations agree with ``xla`` (values and gradients), the Pallas
+path builds no N x N tensor without a dense bias, tensor parallelism splits whole heads; relative
+position bias, RoPE, masks and the attention modules."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from ascan_jax.models import attention
+from ascan_jax.models import attention, pallas_flash, separable_bias
 from ascan_jax.parallel import sharding as sharding_lib
 
 
@@ -45,40 +48,190 @@ def test_auto_is_xla_on_cpu_and_unknown_name_is_rejected():
     attention.resolve_implementation("cudnn", jnp.float32, 16, 16, "cpu")
 
 
-@pytest.mark.parametrize("n", [49, 196])  # not multiples of the kernel block: padded and masked.
-def test_pallas_tpu_kernel_matches_xla_in_interpret_mode(n):
-  """The TPU flash kernel, run by Pallas' TPU interpreter on CPU, against ``xla``."""
+# --- Pallas TPU flash kernel (run by Pallas' TPU interpreter on CPU) ----------------------------
+
+def _bias_of_kind(kind, h, height, width, key):
+  """None, a dense [1, H, N, N] bias, or a SeparableBias of a height x width grid."""
+  if kind == "none":
+    return None
+  ka, kb = jax.random.split(jax.random.key(key))
+  n = height * width
+  if kind == "dense":
+    return jax.random.normal(ka, (1, h, n, n))
+  return separable_bias.SeparableBias(jax.random.normal(ka, (h, 2 * height - 1)),
+                                      jax.random.normal(kb, (h, 2 * width - 1)), height, width)
+
+
+def _value_and_grads(attend, args, cotangent):
+  """``attend(*args)`` and the VJP at ``cotangent`` for every argument (q, k, v and the bias, if
+  any), in one jitted function: a single compile of the interpreted kernels per case."""
+  def run(*args):
+    out, vjp = jax.vjp(attend, *args)
+    return out, vjp(cotangent)
+  return jax.jit(run)(*args)
+
+
+def _assert_same_values_and_grads(got, want, names):
+  np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-5)
+  got_grads, want_grads = jax.tree.leaves(got[1]), jax.tree.leaves(want[1])
+  assert len(got_grads) == len(want_grads) == len(names)
+  for name, g, w in zip(names, got_grads, want_grads):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-4, err_msg=name)
+
+
+def _grad_names(kind):
+  return {"none": ["dq", "dk", "dv"], "dense": ["dq", "dk", "dv", "dbias"],
+          "separable": ["dq", "dk", "dv", "dbias.row", "dbias.col"]}[kind]
+
+
+def _args(q, k, v, bias):
+  return (q, k, v) if bias is None else (q, k, v, bias)
+
+
+# (bias kind, grid, head dim). 15x20 = 300 tokens: padded to 384 (segment ids), three 128-token
+# blocks (the multi-step kernels). Head dim 96 + 15 + 20 separable features = 131 is zero-padded
+# to 256 (the kernel's head-dim rule). The unpadded single-block case runs under a mesh below.
+@pytest.mark.parametrize("kind,d", [("none", 16), ("dense", 16), ("separable", 96)])
+def test_pallas_kernel_matches_xla_forward_and_gradients(kind, d):
+  """Outputs and the gradients of q, k, v and of the bias (dense ``ab`` or row/col tables)."""
   import jax.experimental.pallas.tpu as pltpu
-  q, k, v, bias = _qkv(2, n, 2, 32, key=n)
-  ref = attention.dot_product_attention(q, k, v, bias, implementation="xla")
+  grid, h = (15, 20), 2
+  q, k, v, _ = _qkv(1, grid[0] * grid[1], h, d, key=d)
+  args = _args(q, k, v, _bias_of_kind(kind, h, *grid, key=d))
+  cotangent = jax.random.normal(jax.random.key(99), q.shape)
+  want = _value_and_grads(
+      lambda q, k, v, b=None: attention.dot_product_attention(q, k, v, b, implementation="xla"),
+      args, cotangent)
   with pltpu.force_tpu_interpret_mode():
-    out = attention._pallas_attention(q, k, v, bias, q.shape[-1] ** -0.5)
-    grad = jax.grad(lambda q: attention._pallas_attention(q, k, v, bias, 32 ** -0.5).sum())(q)
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
-  ref_grad = jax.grad(lambda q: attention.dot_product_attention(
-      q, k, v, bias, implementation="xla").sum())(q)
-  np.testing.assert_allclose(grad, ref_grad, atol=1e-4, rtol=1e-4)
+    got = _value_and_grads(
+        lambda q, k, v, b=None: pallas_flash.flash_attention(q, k, v, b, d ** -0.5),
+        args, cotangent)
+  _assert_same_values_and_grads(got, want, _grad_names(kind))
+  if kind != "none":  # the bias gradient is not trivially small.
+    assert float(jnp.abs(jax.tree.leaves(want[1])[3]).max()) > 1e-2
 
 
-def test_pallas_under_a_mesh_runs_per_shard():
+def _mesh(data, tensor):
+  """A (data, tensor) mesh over the first data*tensor fake CPU devices, with the rules that
+  matter here (batch over data, heads over tensor)."""
+  mesh = jax.make_mesh((data, tensor), ("data", "tensor"), devices=jax.devices()[:data * tensor],
+                       axis_types=(AxisType.Auto,) * 2)
+  return mesh, (("batch", "data"), ("heads", "tensor"), ("embed", None))
+
+
+@pytest.mark.parametrize("kind", ["none", "dense", "separable"])
+def test_pallas_under_a_mesh_runs_per_shard_forward_and_backward(kind):
+  """shard_map over a (data=2, tensor=2) mesh: batch and heads split, bias split with the heads.
+  8x16 = 128 tokens: no padding, one block per shard."""
   import jax.experimental.pallas.tpu as pltpu
-  from ascan_jax import config_defaults
-  from ascan_jax.parallel import mesh as mesh_lib
-  c = config_defaults.classification()
-  c.mesh.shape = (4, 1, 2)
-  mesh = mesh_lib.make_mesh(c)
-  rules = mesh_lib.rules(c)
-  q, k, v, bias = _qkv(4, 49, 2, 32, key=3)
-  ref = attention.dot_product_attention(q, k, v, bias, implementation="xla")
+  mesh, rules = _mesh(2, 2)
+  q, k, v, _ = _qkv(2, 128, 2, 16, key=3)
+  args = _args(q, k, v, _bias_of_kind(kind, 2, 8, 16, key=4))
+  cotangent = jax.random.normal(jax.random.key(5), q.shape)
 
-  def f(q, k, v, bias):
+  def attend(impl):
+    def f(q, k, v, b=None):
+      with sharding_lib.in_mesh(mesh, rules):
+        return attention.dot_product_attention(q, k, v, b, implementation=impl)
+    return f
+
+  want = _value_and_grads(attend("xla"), args, cotangent)
+  sharded = jax.sharding.NamedSharding(mesh, P("data", None, "tensor", None))
+  args = tuple(jax.device_put(t, sharded) for t in args[:3]) + args[3:]
+  with pltpu.force_tpu_interpret_mode():
+    got = _value_and_grads(attend("pallas"), args, cotangent)
+  _assert_same_values_and_grads(got, want, _grad_names(kind))
+
+
+def _n_by_n_arrays_around_the_kernel(bias, n=300, b=2, h=2, d=32):
+  """Shapes of arrays with two dims >= n in forward + backward of the Pallas path, as lowered
+  for TPU (not compiled: the Mosaic kernels are opaque custom calls, so these are exactly the
+  arrays the wrapper materialises in HBM around them)."""
+  import re
+  q, k, v, _ = _qkv(b, n, h, d)
+  args = (q, k, v) if bias is None else (q, k, v, bias)
+
+  def loss(*a):
+    return pallas_flash.flash_attention(*a[:3], a[3] if len(a) > 3 else None, d ** -0.5).sum()
+
+  text = jax.jit(jax.grad(loss, tuple(range(len(args))))).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text
+  shapes = {tuple(int(x) for x in dims.strip("x").split("x"))
+            for dims in re.findall(r"tensor<((?:\d+x)+)(?:f32|bf16|f16)>", text)}
+  return {s for s in shapes if sum(dim >= n for dim in s) >= 2}
+
+
+def test_no_bias_and_separable_bias_pallas_paths_build_no_n_by_n_tensor():
+  """The defect of a dense zero ``ab`` (and its ``dab``) for bias-free attention cannot return."""
+  assert _n_by_n_arrays_around_the_kernel(None) == set()
+  sep = _bias_of_kind("separable", 2, 15, 20, key=0)
+  assert _n_by_n_arrays_around_the_kernel(sep) == set()
+  # The detector itself: a dense bias is (and must be) broadcast to [B, H, N_pad, N_pad].
+  dense = _bias_of_kind("dense", 2, 15, 20, key=0)
+  assert (2, 2, 384, 384) in _n_by_n_arrays_around_the_kernel(dense)
+
+
+def test_block_sizes_rule():
+  for n_pad in (128, 256, 384, 640, 768, 1024, 3200, 4096, 16384):
+    for head_dim in (32, 64, 128, 256):
+      bs = pallas_flash.block_sizes_for(n_pad, head_dim)
+      block = bs.block_q
+      fitting = [c for c in (512, 256, 128) if n_pad % c == 0 and (head_dim <= 128 or c <= 256)]
+      assert block == max(fitting), (n_pad, head_dim)
+      assert bs.has_backward_blocks
+      for size in (bs.block_k_major, bs.block_k, bs.block_q_major_dkv, bs.block_k_major_dkv,
+                   bs.block_q_dkv, bs.block_k_dkv, bs.block_q_dq):
+        assert size == block
+      assert bs.block_k_major_dq == bs.block_k_dq == 128  # keeps the kernel's di broadcast small
+  assert pallas_flash.padded_length(300) == 384 and pallas_flash.padded_length(256) == 256
+  assert [pallas_flash.kernel_head_dim(d) for d in (32, 128, 131, 256)] == [32, 128, 256, 256]
+  with pytest.raises(ValueError, match="multiple of 128"):
+    pallas_flash.block_sizes_for(300, 64)
+
+
+# --- Tensor parallelism: whole heads --------------------------------------------------------------
+
+def test_heads_spec_splits_whole_heads_or_replicates():
+  mesh, rules = _mesh(2, 4)
+  with sharding_lib.in_mesh(mesh, rules):
+    assert attention.heads_spec((2, 24, 4, 8)) == P("data", None, "tensor", None)
+    # 2 heads x 8 = 16 columns divide by 4, but 2 heads do not: heads replicated, never split.
+    assert attention.heads_spec((2, 24, 2, 8)) == P("data", None, None, None)
+  assert attention.heads_spec((2, 24, 2, 8)) is None  # no mesh: no constraint
+
+
+def _collectives_with_n_by_n_operands(num_heads, n_tokens=24):
+  import re
+  mesh, rules = _mesh(2, 4)
+  m = attention.MultiHeadSelfAttention(num_heads, 16 // num_heads, (4, 6), "xla",
+                                       position="none")
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6, 16))
+  boxed = jax.eval_shape(m.init, jax.random.key(0), x)
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  variables = jax.jit(lambda: nn.unbox(m.init(jax.random.key(0), x)), out_shardings=shardings)()
+
+  def apply(variables, x):
     with sharding_lib.in_mesh(mesh, rules):
-      return attention._pallas_attention_sharded(q, k, v, bias, 32 ** -0.5)
+      return m.apply(variables, x)
 
-  with pltpu.force_tpu_interpret_mode():
-    sharding = jax.sharding.NamedSharding(mesh, P("data", None, "tensor", None))
-    out = jax.jit(f)(*(jax.device_put(t, sharding) for t in (q, k, v)), bias)
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(apply).lower(variables, x).compile()
+    out = compiled(variables, x)
+  np.testing.assert_allclose(out, jax.jit(m.apply)(variables, np.asarray(x)), atol=1e-5)
+  pattern = r"= \w+\[([\d,]+)\][^ ]* (?:all-reduce|all-gather|reduce-scatter|all-to-all)\("
+  found = [tuple(int(d) for d in dims.split(","))
+           for dims in re.findall(pattern, compiled.as_text())]
+  return [s for s in found if list(s).count(n_tokens) >= 2]
+
+
+@pytest.mark.parametrize("num_heads", [2, 4])  # tensor=4 does not / does divide the heads.
+def test_tensor_parallel_attention_never_reduces_logits_over_a_split_head(num_heads):
+  """With the fused ``heads*head_dim`` kernel split 4 ways, 2 heads would be cut in half and
+  ``q.k`` summed over devices (an all-reduce of the [N, N] logits); whole heads avoid it."""
+  assert _collectives_with_n_by_n_operands(num_heads) == []
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
@@ -204,12 +357,14 @@ def test_self_attention_parameters_per_position_option():
 
   def params(**kw):
     m = attention.MultiHeadSelfAttention(2, 8, (4, 4), "xla", **kw)
-    return set(nn.unbox(m.init(jax.random.key(0), x))["params"])
+    return set(jax.eval_shape(m.init, jax.random.key(0), x)["params"])
 
   assert params() == {"query", "key", "value", "out", "rel_pos"}  # the classifier's, unchanged
   assert params(position="rope", qk_norm=True) == {"query", "key", "value", "out", "query_norm",
                                                    "key_norm"}
   assert params(position="none") == {"query", "key", "value", "out"}
+  assert params(position="relative_bias_separable") == {"query", "key", "value", "out",
+                                                         "rel_pos_separable"}
   with pytest.raises(ValueError, match="position"):
     params(position="sinusoidal")
 

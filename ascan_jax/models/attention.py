@@ -1,15 +1,16 @@
 """One attention function for every T block, with interchangeable implementations.
 
 ``dot_product_attention(q, k, v, bias, implementation=...)`` takes ``q, k, v`` as
-``[batch, tokens, heads, head_dim]`` and an optional additive ``bias`` broadcastable to
-``[batch, heads, q_tokens, kv_tokens]`` (the relative position bias). Implementations:
+``[batch, tokens, heads, head_dim]`` and an optional additive ``bias``: an array broadcastable to
+``[batch, heads, q_tokens, kv_tokens]`` (the classifier's relative position bias) or a
+``separable_bias.SeparableBias`` (row + column offset tables that the Pallas path folds into the
+features, so no ``N x N`` bias is ever built). Implementations:
 
 * ``xla``    reference: einsum, softmax in float32; any backend.
 * ``cudnn``  ``jax.nn.dot_product_attention(implementation='cudnn')``: the fused cuDNN kernel on
              NVIDIA GPUs (bf16/fp16 inputs only).
-* ``pallas`` the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu``); the
-             kernel computes ``softmax((q k + ab) * scale)``, so ``q`` is pre-scaled and the bias
-             passed unscaled; tokens are padded to the kernel block size and the padded keys masked.
+* ``pallas`` the Pallas TPU flash-attention kernel (``models/pallas_flash.py``): no bias tensor
+             when there is no bias, padding masked by segment ids, block sizes chosen per shape.
 * ``auto``   the fastest available: ``cudnn`` on GPU for bf16/fp16, ``pallas`` on TPU for sequences
              of at least ``PALLAS_MIN_SEQ_LEN`` tokens, ``xla`` otherwise. The thresholds are rules
              of thumb (maxdiffusion uses the same kind of minimum length), not measured here.
@@ -21,14 +22,23 @@ falls back to ``xla`` when a mask is given, ``pallas`` when a mask is given or t
 differs from the query length (cross-attention). The UNet's cross-attention has short contexts
 (1 class token, 77-ish text tokens), where a fused kernel gains little.
 
+Tensor parallelism splits whole heads: the projections' fused ``heads*head_dim`` output is
+reshaped to ``[B, N, heads, head_dim]`` and constrained to the logical axes
+``("batch", "length", "heads", "kv")`` (``heads_spec``). "kv" (the head dim) has no mesh rule, so a
+head is never split; when the mesh axes of "heads" (``tensor``) do not divide the head count, the
+heads are replicated for the attention itself (each tensor shard computes all heads; the
+projection kernels keep whatever sharding ``parallel.sharding`` gave them and GSPMD gathers).
+That fallback is correct but spends ``tensor``-fold attention compute: choose ``tensor`` to
+divide the head counts of the T blocks.
+
 Also here: the learned 2-D relative position bias of classification attention, and the two
 attention modules, ``MultiHeadSelfAttention`` (position encoding ``relative_bias`` for the
-classifier, ``rope`` 2-D rotary for the UNet, or ``none``; optional query/key RMSNorm) and
-``MultiHeadCrossAttention`` (queries from image tokens, keys and values from a context).
+classifier, ``relative_bias_separable`` for large grids, ``rope`` 2-D rotary for the UNet, or
+``none``; optional query/key RMSNorm) and ``MultiHeadCrossAttention`` (queries from image tokens,
+keys and values from a context).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -36,12 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ascan_jax.models import pallas_flash
 from ascan_jax.models import rope as rope_lib
+from ascan_jax.models import separable_bias as separable_lib
+from ascan_jax.parallel import sharding as sharding_lib
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
-POSITION_ENCODINGS = ("relative_bias", "rope", "none")
+POSITION_ENCODINGS = ("relative_bias", "relative_bias_separable", "rope", "none")
 PALLAS_MIN_SEQ_LEN = 1024
-PALLAS_BLOCK = 128
+HEAD_AXES = ("batch", "length", "heads", "kv")  # logical names of a [B, N, H, D] activation.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -86,53 +99,27 @@ def _cudnn_attention(q, k, v, bias, scale):
   return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
 
 
-def _pallas_attention(q, k, v, bias, scale):
-  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # TPU-only kernel.
-  b, n, h, d = q.shape
-  pad = (-n) % PALLAS_BLOCK
-  qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q * jnp.asarray(scale, q.dtype), k, v))
-  ab = jnp.zeros((1, h, n, n), jnp.float32) if bias is None else bias.astype(jnp.float32)
-  ab = jnp.broadcast_to(ab, (b, h, n, n))
-  if pad:
-    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
-    qt, kt, vt = (jnp.pad(t, widths) for t in (qt, kt, vt))
-    ab = jnp.pad(ab, ((0, 0), (0, 0), (0, pad), (0, pad)))
-    key_is_pad = jnp.arange(n + pad) >= n
-    ab = jnp.where(key_is_pad[None, None, None, :], _MASK_VALUE, ab)
-  out = tpu_flash.flash_attention(qt, kt, vt, ab=ab, sm_scale=1.0)
-  return jnp.swapaxes(out[:, :, :n], 1, 2)
+def heads_spec(shape) -> jax.sharding.PartitionSpec | None:
+  """Mesh axes of a ``[B, N, heads, head_dim]`` activation under the active mesh and rules.
 
-
-def _mesh_axes_that_divide(names, shape, mesh):
-  """Mesh axes of ``names`` (logical, via flax's active rules), dropping those that don't divide."""
-  spec = nn.logical_to_mesh_axes(names)
-  out = []
-  for dim, axes in zip(shape, spec):
-    if axes is None:
-      out.append(None)
-      continue
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    size = int(np.prod([mesh.shape[a] for a in axes]))
-    out.append(axes if dim % size == 0 else None)
-  return jax.sharding.PartitionSpec(*out)
-
-
-def _pallas_attention_sharded(q, k, v, bias, scale):
-  """Runs the Pallas kernel per shard: custom kernels are not partitioned by GSPMD."""
+  ``None`` without a mesh or rules. Whole heads only: mesh axes that do not divide the head
+  count are dropped (the heads are then replicated), and the head dim is never split.
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return _pallas_attention(q, k, v, bias, scale)
-  qspec = _mesh_axes_that_divide(("batch", None, "heads", None), q.shape, mesh)
-  bspec = jax.sharding.PartitionSpec(None, qspec[2], None, None)
-  fn = functools.partial(_pallas_attention, scale=scale)
-  if bias is None:
-    return jax.shard_map(lambda a, b_, c: fn(a, b_, c, None), mesh=mesh,
-                         in_specs=(qspec,) * 3, out_specs=qspec, check_vma=False)(q, k, v)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qspec,) * 3 + (bspec,), out_specs=qspec,
-                       check_vma=False)(q, k, v, bias)
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return None
+  return sharding_lib.spec_for(HEAD_AXES, shape, mesh, rules)
 
 
-_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention_sharded}
+def constrain_heads(x: jax.Array) -> jax.Array:
+  """``x`` (``[B, N, heads, head_dim]``) constrained to ``heads_spec``; unchanged without a mesh."""
+  spec = heads_spec(x.shape)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention,
+          "pallas": pallas_flash.flash_attention_sharded}
 
 
 def dot_product_attention(q, k, v, bias=None, *, key_mask=None, implementation: str = "auto",
@@ -141,10 +128,17 @@ def dot_product_attention(q, k, v, bias=None, *, key_mask=None, implementation: 
 
   ``k`` and ``v`` may have another token count than ``q`` (cross-attention). ``key_mask``
   (``[B, kv_tokens]``, True = attend) masks keys; see the module docstring for which
-  implementations fall back to ``xla`` then.
+  implementations fall back to ``xla`` then. ``bias`` may be a ``SeparableBias`` (self-attention
+  only): ``pallas`` folds it into the features, the others add its dense form.
   """
   if scale is None:
     scale = q.shape[-1] ** -0.5
+  separable = isinstance(bias, separable_lib.SeparableBias)
+  if separable:
+    if k.shape[1] != q.shape[1]:
+      raise ValueError(f"a SeparableBias needs self-attention, got {q.shape[1]} query and "
+                       f"{k.shape[1]} key tokens")
+    bias.check(q.shape[2], q.shape[1])
   impl = resolve_implementation(implementation, q.dtype, q.shape[1], q.shape[-1])
   if key_mask is not None:
     if key_mask.shape != (k.shape[0], k.shape[1]):
@@ -153,6 +147,8 @@ def dot_product_attention(q, k, v, bias=None, *, key_mask=None, implementation: 
     impl = "xla"
   if impl == "pallas" and k.shape[1] != q.shape[1]:
     impl = "xla"
+  if separable and impl != "pallas":
+    bias = bias.dense()
   if impl == "xla":
     return _xla_attention(q, k, v, bias, scale, key_mask)
   return _IMPLS[impl](q, k, v, bias, scale)
@@ -171,14 +167,15 @@ def resize_relative_position_table(table: jax.Array, height: int, width: int) ->
   """A ``[heads, 2h'-1, 2w'-1]`` table resized bilinearly to ``[heads, 2*height-1, 2*width-1]``.
 
   Half-pixel centres map the centre of the old table (offset 0) onto the centre of the new one,
-  so offset 0 keeps its value exactly; an unchanged grid returns the table itself. Used at run
-  time for inputs at another resolution and by warm starts (``train.init_from``) that move a
-  checkpoint to a new grid.
+  and without anti-aliasing (as timm's table resizing) a smaller grid samples rather than blurs,
+  so offset 0 keeps its value exactly either way; an unchanged grid returns the table itself.
+  Used at run time for inputs at another resolution and by warm starts (``train.init_from``)
+  that move a checkpoint to a new grid.
   """
   target = (table.shape[0], 2 * height - 1, 2 * width - 1)
   if tuple(table.shape) == target:
     return table
-  return jax.image.resize(table, target, "bilinear")
+  return jax.image.resize(table, target, "bilinear", antialias=False)
 
 
 class RelativePositionBias(nn.Module):
@@ -216,8 +213,10 @@ class MultiHeadSelfAttention(nn.Module):
 
   2-D ``nn.Dense`` kernels (not ``DenseGeneral``) keep logical partitioning working under
   ``jax.set_mesh`` (flax#3676). ``position``: ``relative_bias`` (the classifier's learned table,
-  sized for ``train_grid``), ``rope`` (2-D rotary on queries and keys, ``train_grid`` unused) or
-  ``none``. ``qk_norm`` adds RMSNorm on queries and keys (before RoPE, as SD3 / FLUX).
+  sized for ``train_grid``), ``relative_bias_separable`` (row + column tables, parameters
+  ``rel_pos_separable/{row,col}``: for large grids, see ``separable_bias``), ``rope`` (2-D rotary
+  on queries and keys, ``train_grid`` unused) or ``none``. ``qk_norm`` adds RMSNorm on queries and
+  keys (before RoPE, as SD3 / FLUX). Heads are split whole over ``tensor`` (module docstring).
   """
   num_heads: int
   head_dim: int
@@ -238,7 +237,7 @@ class MultiHeadSelfAttention(nn.Module):
 
     def project(name):
       y = _projection(inner, ("embed", "heads"), self.dtype, name)(tokens)
-      return y.reshape(b, h * w, self.num_heads, self.head_dim)
+      return constrain_heads(y.reshape(b, h * w, self.num_heads, self.head_dim))
 
     q, k, v = project("query"), project("key"), project("value")
     if self.qk_norm:
@@ -247,11 +246,14 @@ class MultiHeadSelfAttention(nn.Module):
     bias = None
     if self.position == "relative_bias":
       bias = RelativePositionBias(self.num_heads, self.train_grid, name="rel_pos")(h, w)
+    elif self.position == "relative_bias_separable":
+      bias = separable_lib.SeparableRelativePositionBias(
+          self.num_heads, self.train_grid, name="rel_pos_separable")(h, w)
     elif self.position == "rope":
       q = rope_lib.apply_rope_2d(q, h, w, self.rope_base)
       k = rope_lib.apply_rope_2d(k, h, w, self.rope_base)
     out = dot_product_attention(q, k, v, bias, implementation=self.implementation)
-    out = out.reshape(b, h * w, inner)
+    out = constrain_heads(out).reshape(b, h * w, inner)
     out = _projection(c, ("heads", "embed"), self.dtype, "out")(out)
     return out.reshape(b, h, w, c)
 
@@ -281,13 +283,14 @@ class MultiHeadCrossAttention(nn.Module):
     q = _projection(inner, ("embed", "heads"), self.dtype, "query")(tokens)
     k = _projection(inner, ("embed", "heads"), self.dtype, "key")(context)
     v = _projection(inner, ("embed", "heads"), self.dtype, "value")(context)
-    q = q.reshape(b, h * w, self.num_heads, self.head_dim)
-    k = k.reshape(b, n_ctx, self.num_heads, self.head_dim)
-    v = v.reshape(b, n_ctx, self.num_heads, self.head_dim)
+    q = constrain_heads(q.reshape(b, h * w, self.num_heads, self.head_dim))
+    k = constrain_heads(k.reshape(b, n_ctx, self.num_heads, self.head_dim))
+    v = constrain_heads(v.reshape(b, n_ctx, self.num_heads, self.head_dim))
     if self.qk_norm:
       q = rope_lib.qk_rms_norm(self.dtype, "query_norm")(q)
       k = rope_lib.qk_rms_norm(self.dtype, "key_norm")(k)
     out = dot_product_attention(q, k, v, key_mask=context_mask,
                                 implementation=self.implementation)
-    out = _projection(c, ("heads", "embed"), self.dtype, "out")(out.reshape(b, h * w, inner))
+    out = constrain_heads(out).reshape(b, h * w, inner)
+    out = _projection(c, ("heads", "embed"), self.dtype, "out")(out)
     return out.reshape(b, h, w, c)
