@@ -59,6 +59,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; options are --flag=value")
   from ascan_jax import config_validation
+  from ascan_jax import tasks
   config = FLAGS.config
   try:  # config_flags defers errors of loading the file until the config is used.
     config.keys()
@@ -67,8 +68,9 @@ def main(argv):
     _fail(f"config: could not load {FLAGS['config'].config_filename!r}: "
           f"{lines[0] if lines else e} {lines[-1] if len(lines) > 1 else ''}".strip())
   try:  # Keys and types need no devices: fail before starting any runtime.
-    config_validation.check_keys_and_types(config)
-  except config_validation.ConfigError as e:
+    task_class = tasks.task_class(config.get("task", ""))
+    config_validation.check_keys_and_types(config, tasks.schema_for(config))
+  except (config_validation.ConfigError, tasks.TaskError) as e:
     _fail(f"config: {e}")
 
   from ascan_jax.parallel import distributed
@@ -78,17 +80,21 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
-    config_validation.check_values(config, num_devices=jax.device_count(),
-                                   num_processes=jax.process_count(), mode=FLAGS.mode)
+    checks = dict(num_devices=jax.device_count(), num_processes=jax.process_count(),
+                  mode=FLAGS.mode)
+    config_validation.check_values(config, **checks)
+    task_class.validate(config, **checks)
   except config_validation.ConfigError as e:
     _fail(f"config: {e}")
 
-  from ascan_jax import tasks
   from ascan_jax.data import sources
+  from ascan_jax.train import builder
   from ascan_jax.train import checkpoint
+  from ascan_jax.train import init_from
   try:
-    _run(config, tasks.get_task(config))
-  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError) as e:
+    _run(config, task_class(config))
+  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
+          builder.NoCheckpointError, init_from.InitFromError, tasks.TaskError) as e:
     _fail(str(e))
 
 
@@ -97,21 +103,20 @@ def _run(config, task):
   logging.info("task %s, mode %s, %d devices in %d processes", config.task, FLAGS.mode,
                jax.device_count(), jax.process_count())
   if FLAGS.mode == "summary":
-    from ascan_jax.perf import summary
+    from ascan_jax.modes import summary
     summary.run(task, config, FLAGS.workdir)
   elif FLAGS.mode == "bench":
-    from ascan_jax.perf import bench
+    from ascan_jax.modes import bench
     bench.run(task, config, FLAGS.workdir)
   elif FLAGS.mode == "train":
-    from ascan_jax.train import loop
-    loop.train(task, config, FLAGS.workdir)
+    from ascan_jax.modes import train
+    train.train(task, config, FLAGS.workdir)
   elif FLAGS.mode == "eval":
-    from ascan_jax.train import loop
-    loop.evaluate(task, config, FLAGS.workdir)
+    from ascan_jax.modes import evaluate
+    evaluate.evaluate(task, config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
-    if not hasattr(task, "sample"):
-      _fail(f"task {config.task!r} has no --mode=sample")
-    task.sample(config, FLAGS.workdir)
+    from ascan_jax.modes import sample
+    sample.sample(task, config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Every config key a task understands, with its default: the schema configs are checked against.
+"""The config keys every task shares, with their defaults, and the pieces task schemas reuse.
 
-A config file starts from one of these functions and changes values; ``config_validation``
-rejects any key that is not here (a typo in a config file or on the command line), a value of the
-wrong type, and impossible values. Durations are written as epochs or steps and resolved by the
-loop; nothing here is derived from anything else, so overrides never leave stale values behind.
-This module imports no JAX, so config files stay cheap to load.
+Each task's full schema is its ``Task.default_config()`` (``ascan_jax.tasks.<task>``), built from
+``base()`` here plus its own sections; a config file starts from it and changes values.
+``config_validation`` rejects any key that is not in the schema (a typo in a config file or on the
+command line), a value of the wrong type, and impossible values. Durations are written as epochs
+or steps and resolved by the loop; nothing here is derived from anything else, so overrides never
+leave stale values behind. This module imports no JAX.
 """
 from __future__ import annotations
 
@@ -41,12 +42,18 @@ def base() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
+  c.optim.schedule = "cosine"  # cosine | constant | linear | poly (after a linear warm-up).
   c.optim.peak_lr = 1e-3
   c.optim.init_lr = 5e-7  # linear warm-up starts here ...
-  c.optim.end_lr = 5e-6  # ... and cosine decay ends here.
+  c.optim.end_lr = 5e-6  # ... and cosine / linear / poly decay ends here.
+  c.optim.poly_power = 1.0  # poly: lr = end + (peak - end) * (1 - progress) ** power (mmseg: 1).
   c.optim.warmup_epochs = 0.0
   c.optim.warmup_steps = -1  # >= 0 takes precedence over warmup_epochs.
-  c.optim.weight_decay = 0.05  # not applied to norms and biases.
+  c.optim.weight_decay = 0.05  # on kernels only: not on norms, biases, position tables.
+  # Parameter groups: (regex on the parameter path 'a/b/kernel', lr multiplier, weight-decay
+  # multiplier); the first match wins, unmatched parameters are the default group (1, 1).
+  c.optim.groups = ()
+  c.optim.layer_decay = 1.0  # < 1: layer-wise lr decay (the task says what a layer is).
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
@@ -64,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # the last N checkpoints ...
   c.checkpoint.keep_best = True  # ... plus the best by eval metric.
   c.checkpoint.best_metric = ""  # empty: the task's default metric.
+  c.checkpoint.best_mode = ""  # max | min (a loss, FID); empty: the task's default.
   c.checkpoint.async_save = True
   c.checkpoint.step = -1  # --mode=eval: evaluate this step instead of the latest.
 
@@ -72,9 +80,22 @@ def base() -> ml_collections.ConfigDict:
   c.log.tensorboard = True
   c.log.transfer_guard = False  # jax_transfer_guard='disallow' in the train loop.
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 1000  # also evaluated at the last step.
-  c.eval.ema = True  # evaluate the EMA parameters as well as the raw ones.
+  # Evaluators by name (big_vision style): each entry has a ``type`` whose keys the task knows
+  # (``Task.evaluator_schemas``); every evaluator runs every ``every_steps``, at the last step
+  # and in --mode=eval.
+  c.evals = ml_collections.ConfigDict()
+
+  # Warm start of a fresh run from another run's checkpoint (ascan_jax.train.init_from):
+  # parameters (and mutable state) only; optimizer, step and data start anew.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ""  # a workdir (or its checkpoints/ folder), optionally "DIR:STEP".
+  c.init_from.step = -1  # -1: the latest checkpoint there.
+  c.init_from.which = "ema"  # ema | raw: which parameters of the checkpoint to load.
+  c.init_from.include = ""  # regex on checkpoint parameter paths: load only these ('' = all).
+  c.init_from.exclude = ""  # regex: never load these (e.g. '^classifier/').
+  c.init_from.rename = ()  # ((regex, replacement), ...) from checkpoint to model paths.
+  c.init_from.model_state = True  # also load mutable state (BatchNorm statistics).
+  c.init_from.resize_tables = True  # resize relative position tables to the model's grid.
 
   c.bench = ml_collections.ConfigDict()
   c.bench.batch_sizes = (1, 16, 64)
@@ -89,153 +110,35 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def classification() -> ml_collections.ConfigDict:
-  """The classification task's keys; values follow AsCAN-T's paper recipe (appendix A.2)."""
-  c = base()
-  c.task = "classification"
-  c.batch_size = 4096
-  c.eval_batch_size = 1024
-  c.total_epochs = 300.0
-  c.label_smoothing = 0.1
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "ascan"
-  c.model.layout = "C-CCCT-CCTT-CTTT"
-  c.model.widths = (64, 128, 256, 512)
-  c.model.stem_width = 64
-  c.model.embed_dim = 1280
-  c.model.head_dim = 32
-  c.model.mlp_ratio = 4
-  c.model.expand_ratio = 4
-  c.model.se_ratio = 0.25
-  c.model.drop_path_rate = 0.3
-  c.model.head_dropout = 0.0
-  c.model.bn_momentum = 0.9
-  c.model.attention_impl = "auto"  # auto | xla | cudnn | pallas
-  c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
-  c.model.dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "imagenet2012"  # imagenet2012 | array_record | embedded_mnist | embedded_digits
-  c.data.data_dir = ""  # tfds data_dir, or the folder written by tools.folder_to_array_record.
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 224
-  c.data.num_classes = 1000
-  c.data.eval_crop_fraction = 0.875  # resize to size / fraction, then centre-crop (224 <- 256).
-  c.data.worker_count = 0  # grain worker processes per host; 0 decodes in the main process.
-  c.data.worker_buffer_size = 2
-  c.data.holdout_fraction = 0.2  # embedded datasets only: share kept for evaluation.
-
-  c.augment = ml_collections.ConfigDict()
-  c.augment.random_resized_crop = True
-  c.augment.crop_min_scale = 0.08
-  c.augment.flip = True
-  c.augment.randaugment_layers = 2
-  c.augment.randaugment_magnitude = 15
-  c.augment.color_jitter = 0.4
-  c.augment.mixup_alpha = 0.8
-  c.augment.cutmix_alpha = 1.0
-  c.augment.mix_prob = 1.0
-  c.augment.cutmix_switch_prob = 0.5
-
-  c.checkpoint.best_metric = "eval/top1"
+def dataset_evaluator() -> ml_collections.ConfigDict:
+  """An evaluator that sums the task's ``eval_fn`` over an evaluation split."""
+  c = ml_collections.ConfigDict()
+  c.type = "dataset"
+  c.every_steps = 1000
+  c.prefix = "eval/"  # metric names: <prefix><ema_?><metric>, e.g. eval/top1, eval/ema_top1.
+  c.params = "both"  # raw | ema | both (raw and EMA on the same batches, one pass).
+  c.split = ""  # empty: data.eval_split.
   return c
 
 
-def diffusion() -> ml_collections.ConfigDict:
-  """Class-conditional diffusion with the AsCAN UNet (paper sections 4.2 and A.7)."""
-  c = base()
-  c.task = "diffusion"
-  c.batch_size = 2048
-  c.eval_batch_size = 256
-  c.total_epochs = 1000.0
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "ascan_unet"
-  c.model.channels = (160, 320, 640)
-  c.model.down_layout = "CCC-CCTT-C" + "T" * 20
-  c.model.mid_layout = "CTC"
-  c.model.up_layout = ""  # empty: mirrors down_layout.
-  c.model.head_dim = 64
-  c.model.expand_ratio = 4  # C blocks' 3x3 expansion (the paper's FusedMBConv: 4).
-  c.model.context_dim = 768
-  c.model.context_tokens = 1  # learned tokens per class label.
-  c.model.norm_groups = 32
-  c.model.drop_path_rate = 0.0
-  c.model.attention_impl = "auto"
-  c.model.remat_policy = "none"
-  c.model.dtype = "auto"
-
-  c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.num_train_steps = 1000
-  c.diffusion.beta_start = 0.00085
-  c.diffusion.beta_end = 0.01  # 0.01 at 256x256, 0.02 at 512 and above (paper).
-  c.diffusion.schedule = "scaled_linear"  # scaled_linear | linear
-  c.diffusion.offset_noise = 0.0
-  c.diffusion.label_dropout = 0.1  # classifier-free guidance training.
-  c.diffusion.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "imagenet2012"  # the images (for latent caching, pixel-space training, judges).
-  c.data.data_dir = ""
-  c.data.latent_dir = ""  # set: train on the latent cache there (tools.cache_latents).
-  c.data.latent_channels = 4  # the latent shape when the cache is absent (summary, bench);
-  c.data.latent_downsample = 8  # the cache's metadata wins when it exists (SD VAE: 4, x8).
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.image_size = 256
-  c.data.channels = 3  # pixel space only: 1 trains on grey images.
-  c.data.patch = 1  # pixel space only: space-to-depth by p (the UNet sees H/p x W/p x p*p*C).
-  c.data.num_classes = 1000
-  c.data.eval_crop_fraction = 1.0  # centre crop of the full short side (ADM's preprocessing).
-  c.data.flip = True
-  c.data.worker_count = 0
-  c.data.worker_buffer_size = 2
-  c.data.holdout_fraction = 0.2
-
-  c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "heun"  # ddpm | ddim | euler | heun | dpmpp_2m
-  c.sample.steps = 30
-  c.sample.spacing = ""  # empty: the sampler's default.
-  c.sample.guidance = "constant"  # none | constant | interval | ramp
-  c.sample.scale = 1.78  # constant scale (paper); the ramp's start scale is ramp_start.
-  c.sample.ramp_start = 1.1
-  c.sample.ramp_end = 3.6
-  c.sample.start_step = 5  # interval / ramp: 1-indexed first guided step ...
-  c.sample.end_step = -1  # ... and last (-1: the last step).
-  c.sample.classes = ()  # --mode=sample: empty means every class.
-  c.sample.per_class = 4
-  c.sample.seed = 0
-  c.sample.ema = True
-  c.sample.batch_size = 64
-  c.sample.grid_every_steps = 5000  # a sample grid in DIR/samples during training.
-  c.sample.vae_dir = ""  # latents: the diffusers VAE that decodes samples to images.
-  c.sample.clip_denoised = 0.0  # > 0: clip x0 estimates to [-c, c] (pixel space: 1.0).
-
-  c.eval.judge_dir = ""  # a classification workdir whose classifier judges the samples.
-  c.eval.train_judge = False  # if judge_dir holds no checkpoint: train judge_config there first.
-  c.eval.judge_config = ""  # e.g. configs/ascan_t.py:runlocal (used with train_judge).
-  c.eval.num_samples = 0  # samples generated per evaluation (0: no sample-based metrics).
-  c.eval.inception_path = ""  # FID Inception safetensors (tools.convert_fid_inception) ...
-  c.eval.reference_path = ""  # ... and reference statistics .npz: FID, sFID, IS, prec./recall.
-  c.eval.real_samples = 1000  # real held-out images for the feature statistics.
-
-  c.optim.peak_lr = 6e-4
-  c.optim.init_lr = 0.0
-  c.optim.end_lr = 6e-4  # equal to peak_lr: constant after warm-up (the paper gives no decay).
-  c.optim.warmup_steps = 1000
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.grad_clip_norm = 1.0
-  c.optim.ema_decay = 0.9999
-  c.checkpoint.best_metric = ""
-  return c
-
-
-# Task name -> schema; the task modules themselves live in ascan_jax.tasks.
-TASKS = {"classification": classification, "diffusion": diffusion}
+def overlay(defaults: ml_collections.ConfigDict, saved: dict,
+            prefix: str = "") -> list[str]:
+  """Writes the values of ``saved`` (a config read back from a run's ``config.json``) over
+  ``defaults`` in place; returns the keys of ``saved`` the schema no longer has (reported, not
+  fatal), so a run written by an older version still loads with today's schema."""
+  dropped = []
+  with defaults.unlocked():
+    for key, value in saved.items():
+      if key not in defaults:
+        dropped.append(prefix + key)
+      elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        if len(defaults[key]) == 0 and value:  # an open section (evals): take it whole.
+          defaults[key] = ml_collections.ConfigDict(value)
+        else:
+          dropped += overlay(defaults[key], value, f"{prefix}{key}.")
+      else:
+        defaults[key] = tuple(value) if isinstance(value, list) else value
+  return dropped
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -1,34 +1,27 @@
-"""Start-up checks of a run's config: unknown keys, wrong types, impossible values.
+"""Start-up checks of a run's config: unknown keys, wrong types, impossible generic values.
 
-``validate(config)`` raises ``ConfigError`` with one message naming the offending key, before the
-run writes anything. The schema is ``config_defaults.<task>()``; the value checks that need the
-device count (a batch that does not divide over the data-parallel devices) take it as arguments.
+``check_keys_and_types(config, schema)`` and ``check_values(config, ...)`` raise ``ConfigError``
+with one message naming the offending key, before the run writes anything. The schema is the
+task's (``Task.default_config()`` plus its evaluator types, ``tasks.base.schema_for``); values
+that only one task understands are checked by that task's ``Task.validate``. The checks that need
+the device count (a batch that does not divide over the data-parallel devices) take it as
+arguments. This module imports no JAX and nothing above the config layer.
 """
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Iterable
 
 import ml_collections
 
-from ascan_jax import config_defaults
-
-_DTYPES = ("auto", "float32", "bfloat16")
-_ATTENTION = ("auto", "xla", "cudnn", "pallas")
-_REMAT = ("none", "full", "dots", "dots_no_batch")
 _MODES = ("train", "eval", "summary", "bench", "sample")
+_SCHEDULES = ("cosine", "constant", "linear", "poly")
 
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key."""
-
-
-def schema_for(task: str) -> ml_collections.ConfigDict:
-  if task not in config_defaults.TASKS:
-    raise ConfigError(f"config.task={task!r} is not a known task; choose one of "
-                      f"{sorted(config_defaults.TASKS)}")
-  return config_defaults.TASKS[task]()
 
 
 def _walk(cfg: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -67,10 +60,10 @@ def _type_ok(value: Any, ref: Any) -> bool:
   return isinstance(value, type(ref))
 
 
-def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+def check_keys_and_types(config: ml_collections.ConfigDict,
+                         schema: ml_collections.ConfigDict) -> None:
   """Unknown keys (with a 'did you mean') and values whose type differs from the schema."""
   task = config.get("task", "")
-  schema = schema_for(task)
   known = dict(_walk(schema))
   for path, value in _walk(config):
     if path not in known:
@@ -89,6 +82,29 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
 def _require(ok: bool, key: str, message: str) -> None:
   if not ok:
     raise ConfigError(f"config.{key}: {message}")
+
+
+require = _require  # for tasks' own checks (Task.validate).
+
+DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION = ("auto", "xla", "cudnn", "pallas")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+  """``config.<key>`` must be one of ``choices``."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  _require(value in choices, key, f"{value!r} is not one of {tuple(choices)}")
+
+
+def check_model_common(config: ml_collections.ConfigDict) -> None:
+  """The compute dtype, attention implementation and remat policy of ``config.model``."""
+  check_choice(config, "model.dtype", DTYPES)
+  check_choice(config, "model.attention_impl", ATTENTION)
+  check_choice(config, "model.remat_policy", REMAT)
+  _require(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -122,9 +138,7 @@ def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> i
 
 def check_values(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                  num_processes: int = 1, mode: str = "train") -> None:
-  """Values that cannot work: shapes, divisibility, names of implementations and policies."""
-  from ascan_jax.models import layout as layout_lib  # jax-free module.
-
+  """Generic values that cannot work: durations, batch divisibility, mesh, optimizer, runs."""
   _require(mode in _MODES, "mode", f"{mode!r} is not one of {_MODES}")
   _require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}")
   _require(config.eval_batch_size > 0, "eval_batch_size", "must be positive")
@@ -155,83 +169,47 @@ def check_values(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(config.log.every_steps > 0, "log.every_steps", "must be positive")
   _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
   _require(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-  _require(config.eval.every_steps > 0, "eval.every_steps", "must be positive")
-  if "model" in config and "layout" in config.model:
-    m = config.model
+  _check_optim_and_runs(config)
+
+
+def _check_optim_and_runs(config: ml_collections.ConfigDict) -> None:
+  o = config.optim
+  _require(o.schedule in _SCHEDULES, "optim.schedule",
+           f"{o.schedule!r} is not one of {_SCHEDULES}")
+  _require(o.poly_power > 0, "optim.poly_power", "must be positive")
+  _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1]")
+  for i, group in enumerate(o.groups):
+    _require(isinstance(group, (tuple, list)) and len(group) == 3, "optim.groups",
+             f"entry {i} {group!r} is not (regex, lr_multiplier, weight_decay_multiplier)")
     try:
-      layout_lib.parse_layout(m.layout, num_stages=len(m.widths))
-    except layout_lib.LayoutError as e:
-      raise ConfigError(f"config.model.layout: {e}") from None
-    _require(m.dtype in _DTYPES, "model.dtype", f"{m.dtype!r} is not one of {_DTYPES}")
-    _require(m.attention_impl in _ATTENTION, "model.attention_impl",
-             f"{m.attention_impl!r} is not one of {_ATTENTION}")
-    _require(m.remat_policy in _REMAT, "model.remat_policy",
-             f"{m.remat_policy!r} is not one of {_REMAT}")
-    stages = layout_lib.parse_layout(m.layout)
-    for i, (stage, width) in enumerate(zip(stages, m.widths)):
-      if "T" in stage:
-        _require(width % m.head_dim == 0, "model.widths",
-                 f"stage {i + 1} has T blocks and width {width}, not a multiple of head_dim "
-                 f"{m.head_dim}")
-    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-  if config.task == "diffusion":
-    check_diffusion(config)
-  if "data" in config and "image_size" in config.data:
-    _require(config.data.image_size >= 16, "data.image_size", "must be at least 16")
-    _require(config.data.num_classes >= 2, "data.num_classes", "must be at least 2")
-    _require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
-    _require(0.0 < config.data.holdout_fraction < 1.0, "data.holdout_fraction",
-             "must be in (0, 1)")
+      re.compile(group[0])
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"config.optim.groups: entry {i} regex {group[0]!r}: {e}") from None
+    _require(all(isinstance(m, (int, float)) and m >= 0 for m in group[1:]), "optim.groups",
+             f"entry {i}: multipliers must be numbers >= 0, got {group[1:]}")
+  c = config.checkpoint
+  _require(c.best_mode in ("", "max", "min"), "checkpoint.best_mode",
+           f"{c.best_mode!r} is not 'max' or 'min'")
+  for name in config.evals.keys():
+    e = config.evals[name]
+    _require(e.every_steps > 0, f"evals.{name}.every_steps", "must be positive")
+    if "params" in e:
+      _require(e.params in ("raw", "ema", "both"), f"evals.{name}.params",
+               f"{e.params!r} is not raw, ema or both")
+  i = config.init_from
+  _require(i.which in ("ema", "raw"), "init_from.which", f"{i.which!r} is not 'ema' or 'raw'")
+  for key in ("include", "exclude"):
+    try:
+      re.compile(i[key])
+    except re.error as e:
+      raise ConfigError(f"config.init_from.{key}: bad regex {i[key]!r}: {e}") from None
+  for j, pair in enumerate(i.rename):
+    _require(isinstance(pair, (tuple, list)) and len(pair) == 2, "init_from.rename",
+             f"entry {j} {pair!r} is not (regex, replacement)")
 
 
-def check_diffusion(config: ml_collections.ConfigDict) -> None:
-  """Values of the diffusion task that cannot work."""
-  from ascan_jax.diffusion import generate, samplers  # imports jax; called after start-up.
-  from ascan_jax.models import layout as layout_lib
-  m, s, d, e = config.model, config.sample, config.diffusion, config.eval
-  _require(s.sampler in samplers.SAMPLERS, "sample.sampler",
-           f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
-  _require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
-           f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
-  _require(s.steps >= 1, "sample.steps", "must be >= 1")
-  _require(s.per_class >= 1, "sample.per_class", "must be >= 1")
-  _require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
-           f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
-  _require(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout", "must be in [0, 1)")
-  _require(d.schedule in ("scaled_linear", "linear"), "diffusion.schedule",
-           f"{d.schedule!r} is not 'scaled_linear' or 'linear'")
-  try:
-    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
-    layout_lib.parse_layout(m.mid_layout)
-    if m.up_layout:
-      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
-  except layout_lib.LayoutError as err:
-    raise ConfigError(f"config.model: {err}") from None
-  for level, (stage, width) in enumerate(zip(down, m.channels)):
-    if "T" in stage:
-      _require(width % m.head_dim == 0, "model.channels",
-               f"level {level + 1} has T blocks and width {width}, not a multiple of head_dim "
-               f"{m.head_dim}")
-    _require(width % m.norm_groups == 0, "model.norm_groups",
-             f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
-  if not config.data.latent_dir:
-    factor = 2 ** (len(m.channels) - 1) * config.data.patch
-    _require(config.data.image_size % factor == 0, "data.image_size",
-             f"{config.data.image_size} is not divisible by {factor} (the UNet's "
-             f"{len(m.channels)} levels x data.patch {config.data.patch})")
-    _require(config.data.channels in (1, 3), "data.channels", "must be 1 or 3")
-  if e.num_samples > 0:
-    _require(bool(e.judge_dir) or bool(e.inception_path and e.reference_path), "eval.num_samples",
-             "sample metrics need a judge classifier (eval.judge_dir) or the FID Inception and "
-             "reference statistics (eval.inception_path, eval.reference_path)")
-  _require(bool(e.inception_path) == bool(e.reference_path), "eval.reference_path",
-           "eval.inception_path and eval.reference_path go together")
-  if e.train_judge:
-    _require(bool(e.judge_config), "eval.judge_config",
-             "eval.train_judge needs the judge's config file (e.g. configs/ascan_t.py:runlocal)")
-
-
-def validate(config: ml_collections.ConfigDict, **kwargs) -> None:
-  """All checks; raises ConfigError with one message naming the key."""
-  check_keys_and_types(config)
+def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+             **kwargs) -> None:
+  """The generic checks; raises ConfigError with one message naming the key."""
+  check_keys_and_types(config, schema)
   check_values(config, **kwargs)

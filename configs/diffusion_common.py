@@ -17,6 +17,7 @@ import os
 
 from ascan_jax import config_defaults
 from ascan_jax.models import unet_variants
+from ascan_jax.tasks import diffusion
 
 
 def _cache_dir(*parts):
@@ -27,7 +28,7 @@ def _cache_dir(*parts):
 
 def get_config(resolution: int, arg=None):
   args = config_defaults.parse_arg(arg, runlocal=False)
-  c = config_defaults.diffusion()
+  c = diffusion.default_config()
   v = unet_variants.VARIANTS["imagenet"]
   c.model.channels = tuple(v["channels"])
   c.model.down_layout = v["down_layout"]
@@ -44,7 +45,9 @@ def get_config(resolution: int, arg=None):
   c.sample.steps = 30
   c.sample.guidance = "constant"
   c.sample.scale = 1.78
-  c.eval.every_steps = 10000
+  c.evals.val.every_steps = 10000
+  c.evals.samples.every_steps = 10000
+  c.evals.grid.every_steps = 5000
   c.checkpoint.every_steps = 2000
   if args.runlocal:
     _runlocal(c)
@@ -73,23 +76,26 @@ def _runlocal(c):
   c.eval_batch_size = 200
   c.total_epochs = 0.0
   c.total_steps = 3000
+  c.optim.schedule = "cosine"
   c.optim.peak_lr = 1e-3
   c.optim.end_lr = 1e-5
   c.optim.warmup_steps = 200
   c.optim.ema_decay = 0.999
   c.optim.ema_warmup = True
   c.log.every_steps = 50
-  c.eval.every_steps = 3000
+  c.evals.val.every_steps = 3000
   c.checkpoint.every_steps = 500
   c.sample.guidance = "constant"
   c.sample.scale = 3.0  # measured: judged accuracy 0.62 / 0.87 / 0.94 at scales 1 / 2 / 3.
   c.sample.batch_size = 250
   c.sample.clip_denoised = 1.0  # pixel space.
   c.sample.per_class = 10
-  c.sample.grid_every_steps = 1000
-  c.eval.num_samples = 1000
-  c.eval.real_samples = 1000
-  c.eval.judge_dir = _cache_dir("judges", "embedded_mnist32_ascan_t_runlocal")
-  c.eval.train_judge = True
-  c.eval.judge_config = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                     "ascan_t.py:runlocal")
+  c.evals.grid.every_steps = 1000
+  e = c.evals.samples
+  e.every_steps = 3000
+  e.num_samples = 1000
+  e.real_samples = 1000
+  e.judge_dir = _cache_dir("judges", "embedded_mnist32_ascan_t_runlocal")
+  e.train_judge = True
+  e.judge_config = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "ascan_t.py:runlocal")

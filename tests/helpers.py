@@ -52,7 +52,7 @@ TINY_DIFFUSION = [
     "--config.model.head_dim=16", "--config.model.context_dim=16", "--config.batch_size=16",
     "--config.eval_batch_size=200", "--config.sample.sampler=ddim", "--config.sample.steps=3",
     "--config.sample.per_class=2", "--config.sample.batch_size=20", "--config.log.every_steps=1",
-    "--config.eval.real_samples=50", "--config.optim.warmup_steps=2"]
+    "--config.evals.samples.real_samples=50", "--config.optim.warmup_steps=2"]
 
 # A classifier small enough for tests (used as a judge of generated digits).
 TINY_CLASSIFIER = [

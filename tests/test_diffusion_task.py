@@ -10,7 +10,7 @@ from ascan_jax import tasks
 from ascan_jax.diffusion import generate
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.tasks import diffusion
-from ascan_jax.train import setup as setup_lib
+from ascan_jax.train import builder
 from configs import imagenet256_diffusion
 from tests import helpers
 
@@ -31,8 +31,8 @@ def _tiny_config():
 def tiny():
   c = _tiny_config()
   task = tasks.get_task(c)
-  setup = setup_lib.build(task, c, 1000, mesh=mesh_lib.make_mesh(c, jax.devices()[:1]))
-  return c, task, setup, setup_lib.create_state(setup)
+  setup = builder.build(task, c, 1000, mesh=mesh_lib.make_mesh(c, jax.devices()[:1]))
+  return c, task, setup, builder.create_state(setup)
 
 
 def test_space_to_depth_round_trip():
@@ -86,25 +86,25 @@ def test_guidance_kinds_and_config_errors():
   c = _tiny_config()
   for kind in generate.GUIDANCE_KINDS:
     c.sample.guidance = kind
-    cv.check_diffusion(c)
+    diffusion.check_config(c)
   c.sample.guidance = "cfg++"
   with pytest.raises(cv.ConfigError, match="config.sample.guidance"):
-    cv.check_diffusion(c)
+    diffusion.check_config(c)
   c = _tiny_config()
   c.sample.sampler = "dpm3"
   with pytest.raises(cv.ConfigError, match="config.sample.sampler: 'dpm3'"):
-    cv.check_diffusion(c)
+    diffusion.check_config(c)
   c = _tiny_config()
-  c.eval.judge_dir = ""
-  c.eval.train_judge = False
-  with pytest.raises(cv.ConfigError, match="config.eval.num_samples"):
-    cv.check_diffusion(c)
+  c.evals.samples.judge_dir = ""
+  c.evals.samples.train_judge = False
+  with pytest.raises(cv.ConfigError, match="config.evals.samples.num_samples"):
+    diffusion.check_config(c)
 
 
 def test_train_with_sample_metrics_then_sample_and_eval_modes(tmp_path):
   judge = tmp_path / "judge"
   helpers.run_main(*helpers.TINY_CLASSIFIER, f"--workdir={judge}", "--config.total_steps=20",
-                   "--config.eval.every_steps=20")
+                   "--config.evals.val.every_steps=20")
   weights = helpers.random_inception_weights(tmp_path / "inception.safetensors")
   from ascan_jax.tools import compute_reference_stats
   from ascan_jax.data import sources
@@ -116,11 +116,14 @@ def test_train_with_sample_metrics_then_sample_and_eval_modes(tmp_path):
   compute_reference_stats.compute_reference(str(tmp_path / "real.npz"), weights, reference,
                                             batch_size=20, store_images=True, progress=False)
   run = tmp_path / "diffusion"
-  common = [*helpers.TINY_DIFFUSION, f"--workdir={run}", f"--config.eval.judge_dir={judge}",
-            "--config.eval.train_judge=False", "--config.eval.num_samples=20",
-            f"--config.eval.inception_path={weights}", f"--config.eval.reference_path={reference}"]
-  helpers.run_main(*common, "--config.total_steps=6", "--config.eval.every_steps=6",
-                   "--config.sample.grid_every_steps=3", "--config.checkpoint.every_steps=3")
+  common = [*helpers.TINY_DIFFUSION, f"--workdir={run}",
+            f"--config.evals.samples.judge_dir={judge}", "--config.evals.samples.train_judge=False",
+            "--config.evals.samples.num_samples=20",
+            f"--config.evals.samples.inception_path={weights}",
+            f"--config.evals.samples.reference_path={reference}"]
+  helpers.run_main(*common, "--config.total_steps=6", "--config.evals.val.every_steps=6",
+                   "--config.evals.samples.every_steps=6", "--config.evals.grid.every_steps=3",
+                   "--config.checkpoint.every_steps=3")
   rows = helpers.read_jsonl(run / "metrics.jsonl")
   last = rows[-1]
   for key in ("eval/loss", "eval/ema_loss", "eval/sample_class_accuracy", "eval/fd_classifier",

@@ -72,8 +72,8 @@ def test_cache_resume_and_train_from_latents(tmp_path):
   run = tmp_path / "run"
   helpers.run_main(*helpers.TINY_DIFFUSION, f"--workdir={run}", f"--config.data.latent_dir={out}",
                    f"--config.sample.vae_dir={vae_dir}", "--config.total_steps=4",
-                   "--config.eval.every_steps=4", "--config.eval.num_samples=0",
-                   "--config.sample.grid_every_steps=4", "--config.eval_batch_size=16")
+                   "--config.evals.val.every_steps=4", "--config.evals.samples.num_samples=0",
+                   "--config.evals.grid.every_steps=4", "--config.eval_batch_size=16")
   rows = helpers.read_jsonl(run / "metrics.jsonl")
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
   assert np.isfinite(rows[-1]["eval/loss"])

@@ -3,6 +3,7 @@ import ml_collections
 import pytest
 
 from ascan_jax import config_validation as cv
+from ascan_jax import tasks
 from ascan_jax.models import layout
 from configs import ascan_b, ascan_l, ascan_t
 from tests import helpers
@@ -32,14 +33,14 @@ def test_layout_stage_count_must_match_widths():
 @pytest.mark.parametrize("module", [ascan_t, ascan_b, ascan_l])
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_shipped_configs_validate(module, arg):
-  cv.validate(module.get_config(arg), num_devices=8)
+  tasks.validate(module.get_config(arg), num_devices=8)
 
 
 def test_unknown_key_is_named_with_a_suggestion():
   c = ascan_t.get_config()
   c.optim.weight_decy = 0.1
   with pytest.raises(cv.ConfigError, match=r"config\.optim\.weight_decy.*weight_decay"):
-    cv.validate(c)
+    tasks.validate(c)
 
 
 def test_wrong_type_is_named():
@@ -48,28 +49,28 @@ def test_wrong_type_is_named():
   data["image_size"] = "224"  # ml_collections blocks this per field; a replaced sub-dict is not.
   c.data = ml_collections.ConfigDict(data)
   with pytest.raises(cv.ConfigError, match=r"config\.data\.image_size = '224' has type str"):
-    cv.check_keys_and_types(c)
+    cv.check_keys_and_types(c, tasks.schema_for(c))
 
 
 def test_batch_that_does_not_divide_over_devices():
   c = ascan_t.get_config()
   c.batch_size = 100
   with pytest.raises(cv.ConfigError, match=r"config\.batch_size: 100 .* 8 data-parallel"):
-    cv.validate(c, num_devices=8)
+    tasks.validate(c, num_devices=8)
 
 
 def test_mesh_that_does_not_cover_devices():
   c = ascan_t.get_config()
   c.mesh.shape = (3, 1, 1)
   with pytest.raises(cv.ConfigError, match=r"config\.mesh\.shape"):
-    cv.validate(c, num_devices=8)
+    tasks.validate(c, num_devices=8)
 
 
 def test_width_not_multiple_of_head_dim():
   c = ascan_t.get_config()
   c.model.widths = (64, 128, 250, 512)
   with pytest.raises(cv.ConfigError, match=r"config\.model\.widths: stage 3"):
-    cv.validate(c)
+    tasks.validate(c)
 
 
 def test_main_rejects_unknown_override_before_writing(tmp_path):

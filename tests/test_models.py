@@ -10,7 +10,7 @@ import pytest
 from ascan_jax.models import ascan
 from ascan_jax.models import blocks
 from ascan_jax.models import variants
-from ascan_jax.perf import summary
+from ascan_jax.modes import summary
 from configs import ascan_b, ascan_l, ascan_t
 from ascan_jax import tasks
 

@@ -21,7 +21,7 @@ TOTAL = 8
 ARGS = [*helpers.TINY_CLASSIFIER, f"--config.total_steps={TOTAL}",
         "--config.optim.warmup_steps=2", "--config.log.every_steps=1",
         "--config.checkpoint.every_steps=2",
-        "--config.eval.every_steps=4", "--config.augment.mixup_alpha=0.8",
+        "--config.evals.val.every_steps=4", "--config.augment.mixup_alpha=0.8",
         "--config.augment.cutmix_alpha=1.0", "--config.log.tensorboard=False"]
 
 

@@ -10,7 +10,7 @@ from ascan_jax import tasks
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.tasks import classification
 from ascan_jax.train import optim
-from ascan_jax.train import setup as setup_lib
+from ascan_jax.train import builder
 from ascan_jax.train import state as state_lib
 from ascan_jax.train import step as step_lib
 from configs import ascan_t
@@ -90,7 +90,7 @@ def test_ema_warmup_follows_early_weights_then_reaches_the_decay():
   loss = lambda p, ms, b, k: (jnp.sum(p["w"] * b["x"]), (ms, {}))
   for warmup, expected in ((True, 1.0 - 0.9 * 2.0), (False, 1.0 - 0.001 * 2.0)):
     step = step_lib.make_train_step(loss, tx, lambda s: 1.0, ema_decay=0.999, ema_warmup=warmup)
-    new, _ = step(state, {"x": jnp.array([2.0])})
+    new, _ = step(state, {}, {"x": jnp.array([2.0])})
     np.testing.assert_allclose(new.params["w"], [-1.0])
     np.testing.assert_allclose(new.ema_params["w"], [expected], rtol=1e-6)
 
@@ -141,7 +141,7 @@ def _tiny_setup(microbatches=1, remat="none"):
   c.total_steps = 5
   c.mesh.shape = (1, 1, 1)
   task = tasks.get_task(c)
-  setup = setup_lib.build(task, c, 100, mesh=mesh_lib.make_mesh(c, jax.devices()[:1]))
+  setup = builder.build(task, c, 100, mesh=mesh_lib.make_mesh(c, jax.devices()[:1]))
   return task, setup
 
 
@@ -149,10 +149,10 @@ def test_gradient_accumulation_averages_microbatch_losses():
   task, setup = _tiny_setup(microbatches=2)
   _, single = _tiny_setup(microbatches=1)
   batch = task.synthetic_batch(8, jax.random.key(0))
-  state = setup_lib.create_state(setup)
-  _, metrics = setup.train_step(state, batch)
+  state = builder.create_state(setup)
+  _, metrics = setup.train_step(state, {}, batch)
   # Micro-batch i is every second example from i; its loss from the same initial state.
-  initial = setup_lib.create_state(single)
+  initial = builder.create_state(single)
   loss_fn = jax.jit(lambda half: task.loss_fn(initial.params, initial.model_state, half,
                                               jax.random.key(0))[0])
   losses = [float(loss_fn(jax.tree.map(lambda x, i=i: x[i::2], batch))) for i in range(2)]
@@ -164,8 +164,8 @@ def test_remat_policies_do_not_change_the_step(policy):
   task, plain = _tiny_setup()
   _, remat = _tiny_setup(remat=policy)
   batch = task.synthetic_batch(8, jax.random.key(0))
-  _, m1 = plain.train_step(setup_lib.create_state(plain), batch)
-  _, m2 = remat.train_step(setup_lib.create_state(remat), batch)
+  _, m1 = plain.train_step(builder.create_state(plain), {}, batch)
+  _, m2 = remat.train_step(builder.create_state(remat), {}, batch)
   np.testing.assert_allclose(float(m1["train/loss"]), float(m2["train/loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m1["train/grad_norm"]), float(m2["train/grad_norm"]),
                              rtol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 from ascan_jax import tasks
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.train import checkpoint as checkpoint_lib
-from ascan_jax.train import setup as setup_lib
+from ascan_jax.train import builder
 from configs import ascan_t
 
 STEPS = 3
@@ -40,11 +40,11 @@ def _run(shape, devices, steps=STEPS):
   c = _config(shape)
   task = tasks.get_task(c)
   mesh = mesh_lib.make_mesh(c, devices=devices)
-  setup = setup_lib.build(task, c, num_train_examples=4000, mesh=mesh)
-  state = setup_lib.create_state(setup)
+  setup = builder.build(task, c, num_train_examples=4000, mesh=mesh)
+  state = builder.create_state(setup)
   losses = []
   for batch in _batches(task, steps):
-    state, metrics = setup.train_step(state, jax.device_put(batch, setup.batch_shardings))
+    state, metrics = setup.train_step(state, {}, jax.device_put(batch, setup.batch_shardings))
     losses.append(float(metrics["train/loss"]))
   return losses, state, setup
 
@@ -84,16 +84,16 @@ def test_restore_onto_a_different_number_of_devices(tmp_path):
   saved = jax.tree.map(np.asarray, jax.device_get(state8.params))
   task = tasks.get_task(c)
   batch = _batches(task, 3)[2]
-  _, m8 = setup8.train_step(state8, jax.device_put(batch, setup8.batch_shardings))
+  _, m8 = setup8.train_step(state8, {}, jax.device_put(batch, setup8.batch_shardings))
   for devices, shape in ((jax.devices()[:2], (2, 1, 1)), (jax.devices()[:1], (1, 1, 1))):
     c2 = _config(shape)
-    setup = setup_lib.build(task, c2, 4000, mesh=mesh_lib.make_mesh(c2, devices=devices))
+    setup = builder.build(task, c2, 4000, mesh=mesh_lib.make_mesh(c2, devices=devices))
     restored, _, _ = ckpt.restore(2, setup.abstract_state)
     assert int(restored.step) == 2
     for leaf in jax.tree.leaves(restored.params):
       assert leaf.sharding.device_set == set(devices)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved)
-    _, m = setup.train_step(restored, jax.device_put(batch, setup.batch_shardings))
+    _, m = setup.train_step(restored, {}, jax.device_put(batch, setup.batch_shardings))
     np.testing.assert_allclose(float(m["train/loss"]), float(m8["train/loss"]), rtol=2e-5)
   ckpt.close()
 
@@ -108,7 +108,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
   other = _config((1, 1, 1))
   other.model.widths = (16, 32, 64, 96)
   task = tasks.get_task(other)
-  setup = setup_lib.build(task, other, 4000, mesh=mesh_lib.make_mesh(other, jax.devices()[:1]))
+  setup = builder.build(task, other, 4000, mesh=mesh_lib.make_mesh(other, jax.devices()[:1]))
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r"different model: .*stage4.*checkpoint \(.*\) vs model"):
     ckpt.restore(1, setup.abstract_state)

@@ -14,7 +14,7 @@ TOTAL = 20
 TINY = [*helpers.TINY_CLASSIFIER, f"--config.total_steps={TOTAL}",
         "--config.optim.warmup_steps=5", "--config.log.every_steps=1",
         "--config.checkpoint.every_steps=4",
-        "--config.eval.every_steps=10", "--config.augment.mixup_alpha=0.8",
+        "--config.evals.val.every_steps=10", "--config.augment.mixup_alpha=0.8",
         "--config.augment.cutmix_alpha=1.0"]
 
 

@@ -2,9 +2,12 @@
 
 Each process passes its own slice of the global batch (the pipeline gives process ``p`` the
 ``p``-th contiguous block); ``jax.make_array_from_process_local_data`` stitches them together.
-Host-only fields (``index``) stay on the host.
+Host-only fields (``index`` and the task's ``host_fields``: ids, captions) stay on the host, and
+so does any field that is not numeric (strings).
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -14,15 +17,18 @@ from ascan_jax.parallel import sharding as sharding_lib
 HOST_ONLY = ("index",)
 
 
-def shardings_for(batch: dict, mesh, rules, global_batch: int) -> dict:
-  return {k: sharding_lib.batch_sharding(mesh, rules, np.ndim(v), global_batch)
-          for k, v in batch.items() if k not in HOST_ONLY}
+def device_fields(batch: dict, host_fields: Iterable[str] = ()) -> list[str]:
+  """The fields of ``batch`` that go to the devices."""
+  skip = set(HOST_ONLY) | set(host_fields)
+  return [k for k, v in batch.items()
+          if k not in skip and np.asarray(v).dtype.kind in "biuf"]
 
 
-def to_global(batch: dict, mesh, rules, global_batch: int) -> dict:
-  shardings = shardings_for(batch, mesh, rules, global_batch)
+def to_global(batch: dict, mesh, rules, global_batch: int,
+              host_fields: Iterable[str] = ()) -> dict:
   out = {}
-  for k, s in shardings.items():
+  for k in device_fields(batch, host_fields):
     local = np.asarray(batch[k])
+    s = sharding_lib.batch_sharding(mesh, rules, local.ndim, global_batch)
     out[k] = jax.make_array_from_process_local_data(s, local, (global_batch,) + local.shape[1:])
   return out

@@ -26,24 +26,36 @@ def _pil(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image)
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-  h, w = image.shape[:2]
-  area = h * w
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                           scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """``(top, left, crop_height, crop_width)`` of an Inception-style random crop."""
+  area = height * width
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     cw = int(round(math.sqrt(target * aspect)))
     ch = int(round(math.sqrt(target / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      top = int(rng.integers(0, h - ch + 1))
-      left = int(rng.integers(0, w - cw + 1))
-      break
-  else:
-    ch = cw = min(h, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
+    if 0 < cw <= width and 0 < ch <= height:
+      top = int(rng.integers(0, height - ch + 1))
+      left = int(rng.integers(0, width - cw + 1))
+      return top, left, ch, cw
+  ch = cw = min(height, width)
+  return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size,
+                    resample=Image.BICUBIC) -> np.ndarray:
+  """``image[box]`` resized to ``size`` (an int for squares, or ``(height, width)``)."""
+  top, left, ch, cw = box
+  h, w = (size, size) if isinstance(size, int) else size
   crop = _pil(image).crop((left, top, left + cw, top + ch))
-  return np.asarray(crop.resize((size, size), Image.BICUBIC))
+  return np.asarray(crop.resize((w, h), resample))
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  box = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+  return crop_and_resize(image, box, size)
 
 
 def eval_crop(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:

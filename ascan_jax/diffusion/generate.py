@@ -92,8 +92,12 @@ class Generator:
                               clip_denoised=s.clip_denoised or None)
       return decode(vae_params, x0)
 
+    self._labels_sharding = labels_sharding
     self._draw = jax.jit(draw, in_shardings=(param_shardings, replicated, labels_sharding,
                                              labels_sharding, None), out_shardings=batch)
+
+  def _global(self, values: np.ndarray) -> jax.Array:
+    return _global_batch_array(values, self._labels_sharding)
 
   def tag(self, seed: int, ema: bool) -> str:
     """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
@@ -135,12 +139,20 @@ class Generator:
       idx = np.arange(start, start + self.batch_size)
       lab = labels[start:start + self.batch_size]
       lab = np.concatenate([lab, np.zeros(self.batch_size - len(lab), np.int32)])
-      images = self._draw(params, self._vae_params, lab, idx.astype(np.int32), seed)
+      images = self._draw(params, self._vae_params, self._global(lab),
+                          self._global(idx.astype(np.int32)), seed)
       if jax.process_count() > 1:  # every process gets every sample.
         from jax.experimental import multihost_utils
         images = multihost_utils.process_allgather(images, tiled=True)
       out.append(np.asarray(jax.device_get(images))[:min(self.batch_size, n - start)])
     return np.concatenate(out) if out else np.zeros((0,) + self.task.sample_shape(), np.uint8)
+
+
+def _global_batch_array(values: np.ndarray, sharding) -> jax.Array:
+  """A global array of ``values`` (the same on every process) in a batch ``sharding``: each
+  process supplies the shards its devices hold, so this works on any number of hosts (a numpy
+  array passed to a jit with a non-trivial sharding does not, with more than one process)."""
+  return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 def _batch_axes(mesh, rules):

@@ -16,6 +16,7 @@ UperNet): the call returns the four stage outputs.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -132,3 +133,31 @@ def stage_grids(image_size: int, num_stages: int = 4) -> list[int]:
     size = -(-size // 2)
     out.append(size)
   return out
+
+
+def parameter_layer_fn(layout: str):
+  """``f(path) -> (layer, num_layers)`` for layer-wise learning-rate decay: the stem is layer 0,
+  block ``k`` of the backbone (counted over all stages, a stage's downsample with its first block)
+  is layer ``k + 1``, anything else (head, classifier, a segmentation decoder) the top layer. The
+  path may carry a prefix (``backbone/stage2_block1_C/...``)."""
+  stages = layout_lib.parse_layout(layout)
+  first = []
+  count = 0
+  for stage in stages:
+    first.append(count)
+    count += len(stage)
+  num_layers = count + 1
+  block = re.compile(r"(?:^|/)stage(\d+)_(?:block(\d+)_[CT]|downsample)(?:/|$)")
+  stem = re.compile(r"(?:^|/)stem_")
+
+  def layer(path: str) -> tuple[int, int]:
+    m = block.search(path)
+    if m:
+      s = int(m.group(1)) - 1
+      i = int(m.group(2)) - 1 if m.group(2) else 0
+      return first[s] + i + 1, num_layers
+    if stem.search(path):
+      return 0, num_layers
+    return num_layers, num_layers
+
+  return layer

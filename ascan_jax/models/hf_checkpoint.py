@@ -243,6 +243,11 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
   return tree
 
 
+def _contiguous(x) -> np.ndarray:
+  """C-contiguous without promoting a 0-d array to 1-d (``np.ascontiguousarray`` would)."""
+  return np.require(np.asarray(x), requirements="C")
+
+
 def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], *,
                      max_shard_bytes: int | None = None,
                      metadata: Mapping[str, str] | None = None) -> list[str]:
@@ -253,7 +258,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], *,
   meta = dict(metadata or {"format": "pt"})
   names = sorted(tensors)
   if not max_shard_bytes:
-    safetensors.numpy.save_file({n: np.ascontiguousarray(tensors[n]) for n in names}, path,
+    safetensors.numpy.save_file({n: _contiguous(tensors[n]) for n in names}, path,
                                 metadata=meta)
     return [path]
   shards, current, size = [], [], 0
@@ -271,7 +276,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], *,
   files, weight_map = [], {}
   for i, group in enumerate(shards):
     fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file({n: np.ascontiguousarray(tensors[n]) for n in group},
+    safetensors.numpy.save_file({n: _contiguous(tensors[n]) for n in group},
                                 os.path.join(directory, fname), metadata=meta)
     files.append(os.path.join(directory, fname))
     weight_map.update({n: fname for n in group})

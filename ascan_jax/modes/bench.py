@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ascan_jax import fileio
+from ascan_jax.modes import summary as summary_lib
 from ascan_jax.perf import peaks
-from ascan_jax.perf import summary as summary_lib
-from ascan_jax.train import setup as setup_lib
+from ascan_jax.train import builder
 
 
 def time_call(fn, *, warmup: int, repeats: int, min_seconds: float) -> list[float]:
@@ -65,13 +65,13 @@ def bench_train(task, config) -> dict:
   with cfg.unlocked():
     cfg.batch_size = config.bench.train_batch_size
     cfg.total_steps = 1000
-  setup = setup_lib.build(task, cfg, num_train_examples=cfg.batch_size * 1000)
-  holder = {"state": setup_lib.create_state(setup)}
+  setup = builder.build(task, cfg)
+  holder = {"state": builder.create_state(setup)}
   batch = jax.device_put(task.synthetic_batch(cfg.batch_size, jax.random.key(1)),
                          setup.batch_shardings)
 
   def one():
-    holder["state"], metrics = setup.train_step(holder["state"], batch)
+    holder["state"], metrics = setup.train_step(holder["state"], setup.frozen, batch)
     jax.block_until_ready(metrics)
 
   c = config.bench
@@ -110,8 +110,11 @@ def run_benchmark(task, config) -> dict:
     r["mfu"] = 6.0 * macs * r["examples_per_second"] / (peak * r["devices"])
     r["examples_per_second_per_device"] = r["examples_per_second"] / r["devices"]
     result["train"] = r
-  if hasattr(task, "bench_sampling"):  # generative tasks: whole samples per second.
-    result["sampling"] = task.bench_sampling(result)
+  def fresh_context():
+    setup = builder.build(task, config)
+    return builder.RunContext(setup, builder.create_state(setup), 0)
+
+  result.update(task.bench_extra(result, fresh_context))  # e.g. whole samples per second.
   return result
 
 

@@ -1,11 +1,12 @@
-"""The generic training loop (every task) and ``--mode=eval``.
+"""The generic training loop (every task).
 
-train(): validate -> data -> sharded state (fresh, or restored from DIR/checkpoints with the data
-iterator) -> for each step: next batch, global arrays, jitted step -> every ``log.every_steps``
-metrics and a progress line; every ``eval.every_steps`` (and at the end) evaluation of the raw
-and EMA parameters; every ``checkpoint.every_steps``, at evaluations, at the end and on SIGTERM
-a checkpoint. Nothing here knows which task runs: the task supplies model, loss, evaluation and
-data.
+train(): prerequisites (e.g. a judge classifier) -> sharded state (restored from DIR/checkpoints
+with the data iterator, or fresh, or warm-started from ``config.init_from``) and frozen weights
+-> for each step: next batch, global arrays, jitted step ``(state, frozen, batch)`` -> every
+``log.every_steps`` metrics and a progress line; each evaluator of ``config.evals`` every
+``every_steps`` (and at the end); every ``checkpoint.every_steps``, after evaluations, at the end
+and on SIGTERM a checkpoint. Nothing here knows which task runs: the task supplies model, loss,
+evaluators and data through ``ascan_jax.tasks.base.Task``.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from ascan_jax import fileio
 from ascan_jax.data import global_batch as global_batch_lib
 from ascan_jax.data import pipeline
 from ascan_jax.eval import evaluator as evaluator_lib
+from ascan_jax.modes import prerequisites
+from ascan_jax.modes import summary as summary_lib
 from ascan_jax.perf import peaks
-from ascan_jax.perf import summary as summary_lib
+from ascan_jax.train import builder
 from ascan_jax.train import checkpoint as checkpoint_lib
+from ascan_jax.train import init_from as init_from_lib
 from ascan_jax.train import metrics as metrics_lib
 from ascan_jax.train import preemption
-from ascan_jax.train import setup as setup_lib
 
 
 class DataOrderError(RuntimeError):
@@ -80,27 +83,44 @@ def _mfu_setup(task, config):
     return None, None
 
 
-def _evaluate_all(evaluator, state, config) -> dict:
+def variants(state) -> dict:
+  """The parameter sets evaluators may ask for."""
+  return {"raw": (state.params, state.model_state),
+          "ema": (state.ema_params, state.ema_model_state)}
+
+
+def run_evaluators(evaluators: dict, state, setup, step: int, workdir: str,
+                   due=lambda ev: True) -> dict:
+  """Runs the evaluators that are ``due``; returns their metrics (with ``eval/seconds``)."""
+  inputs = evaluator_lib.EvalInputs(variants(state), setup.frozen, step, workdir)
   out = {}
   t0 = time.perf_counter()
-  for k, v in evaluator.run(state.params, state.model_state).items():
-    out[f"eval/{k}"] = v
-  if config.eval.ema and config.optim.ema_decay > 0:
-    for k, v in evaluator.run(state.ema_params, state.ema_model_state).items():
-      out[f"eval/ema_{k}"] = v
-  out["eval/seconds"] = time.perf_counter() - t0
+  ran = False
+  for name, ev in evaluators.items():
+    if due(ev):
+      ran = True
+      logging.info("step %d: evaluator %s", step, name)
+      out.update(ev.run(inputs))
+  if ran and out:
+    out["eval/seconds"] = time.perf_counter() - t0
   return out
+
+
+def format_metrics(metrics: dict) -> str:
+  return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in metrics.items())
 
 
 def train(task, config, workdir: str):
   """Trains (or resumes) until ``total_steps``; returns the final state."""
+  prerequisites.ensure(task)
   sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
-  setup = setup_lib.build(task, config, task.num_train_examples())
+  setup = builder.build(task, config, task.num_train_examples())
   total = setup.durations.total_steps
   global_batch = config.batch_size
   local_batch = sharding.local(global_batch)
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, config, best_metric=config.checkpoint.best_metric or task.default_metric)
+  metric, mode = builder.best_settings(task, config)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric=metric, best_mode=mode)
   latest = ckpt.latest_step()
   iterator = iter(task.train_batches(sharding, total, 0))
   if latest is not None:
@@ -111,15 +131,19 @@ def train(task, config, workdir: str):
     logging.info("resumed from step %d (data iterator %s)", start,
                  "restored" if data_restored else "rebuilt from the step")
   else:
-    state = setup_lib.create_state(setup)
+    state = builder.create_state(setup)
     start = 0
+    if config.init_from.workdir:
+      state, report = init_from_lib.warm_start(state, setup.state_shardings, config.init_from,
+                                               setup.mesh, workdir)
+      logging.info(report.summary())
+      if jax.process_index() == 0:
+        print(report.summary(), flush=True)
   _save_config(config, workdir, setup.durations, start)
   writer = metrics_lib.MetricWriter(workdir, is_main=jax.process_index() == 0,
                                     tensorboard=config.log.tensorboard,
                                     resume_step=start)
-  evaluator = evaluator_lib.Evaluator(task, config, setup.mesh, setup.rules,
-                                      setup.state_shardings.params,
-                                      setup.state_shardings.model_state)
+  evaluators = task.make_evaluators(setup)
   macs, peak = _mfu_setup(task, config)
   meta = {"param_shapes": checkpoint_lib.param_shapes(setup.abstract_state.params),
           "process_count": jax.process_count(), "has_data": True, "task": config.task,
@@ -137,12 +161,13 @@ def train(task, config, workdir: str):
         raise DataOrderError(f"step {step}: the data stream is at position "
                              f"{int(batch['index'][0])}, expected {expected}")
       skipped += int(local_batch - np.sum(batch["mask"]))
-      device_batch = global_batch_lib.to_global(batch, setup.mesh, setup.rules, global_batch)
+      device_batch = global_batch_lib.to_global(batch, setup.mesh, setup.rules, global_batch,
+                                                setup.host_fields)
       if config.log.transfer_guard:
         with jax.transfer_guard("disallow"):
-          state, metrics = setup.train_step(state, device_batch)
+          state, metrics = setup.train_step(state, setup.frozen, device_batch)
       else:
-        state, metrics = setup.train_step(state, device_batch)
+        state, metrics = setup.train_step(state, setup.frozen, device_batch)
       done = step + 1
       scalars = None
       if done % config.log.every_steps == 0 or done == total:
@@ -152,25 +177,20 @@ def train(task, config, workdir: str):
         perf = progress.line(done, scalars, global_batch, jax.device_count())
         scalars.update(perf)
         scalars["perf/images_per_second"] = perf["perf/examples_per_second"]
-      if hasattr(task, "on_step"):  # e.g. sample grids of a generative task.
-        task.on_step(state, setup, done, workdir)
-      eval_metrics = None
-      if done % config.eval.every_steps == 0 or done == total:
-        eval_metrics = _evaluate_all(evaluator, state, config)
-        if hasattr(task, "sample_evaluation"):  # metrics of generated samples.
-          eval_metrics.update(task.sample_evaluation(state, setup, done, workdir))
+      eval_metrics = run_evaluators(
+          evaluators, state, setup, done, workdir,
+          due=lambda ev: done % ev.every_steps == 0 or done == total)
+      if eval_metrics:
         logging.info("step %d eval: %s", done, eval_metrics)
-        print(f"step {done} eval: " + "  ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in eval_metrics.items()), flush=True)
+        print(f"step {done} eval: {format_metrics(eval_metrics)}", flush=True)
         scalars = {**(scalars or {}), **eval_metrics}
       if scalars is not None:
         writer.write(done, scalars)
       stop = watcher.should_stop(done)
       if (done % config.checkpoint.every_steps == 0 or done == total or stop
-          or eval_metrics is not None):
-        ckpt.save(done, state, iterator, {**meta, "step": done}, metrics=eval_metrics,
-                  force=stop or done == total)
+          or eval_metrics):
+        ckpt.save(done, state, iterator, {**meta, "step": done},
+                  metrics=eval_metrics or None, force=stop or done == total)
       if stop:
         logging.warning("preempted: checkpoint at step %d written, exiting", done)
         print(f"preempted: checkpoint at step {done} written, exiting", flush=True)
@@ -180,28 +200,3 @@ def train(task, config, workdir: str):
     ckpt.close()
     writer.close()
   return state
-
-
-def evaluate(task, config, workdir: str) -> dict:
-  """``--mode=eval``: evaluates the latest checkpoint (or ``config.checkpoint.step``)."""
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, config, best_metric=config.checkpoint.best_metric or task.default_metric)
-  step = config.checkpoint.step if config.checkpoint.step >= 0 else ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory} to evaluate")
-  if step not in ckpt.all_steps():
-    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; "
-                            f"available: {ckpt.all_steps()}")
-  setup = setup_lib.build(task, config, task.num_train_examples())
-  state, _, _ = ckpt.restore(step, setup.abstract_state)
-  evaluator = evaluator_lib.Evaluator(task, config, setup.mesh, setup.rules,
-                                      setup.state_shardings.params,
-                                      setup.state_shardings.model_state)
-  results = {"step": step, **_evaluate_all(evaluator, state, config)}
-  if hasattr(task, "sample_evaluation"):
-    results.update(task.sample_evaluation(state, setup, step, workdir))
-  ckpt.close()
-  if jax.process_index() == 0:
-    fileio.append_line(fileio.join(workdir, "eval.jsonl"), json.dumps(results))
-  print(json.dumps(results, indent=2), flush=True)
-  return results

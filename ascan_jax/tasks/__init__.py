@@ -1,17 +1,10 @@
 """Tasks: the only task-specific code (model, loss, evaluation, data, sampling).
 
-``get_task(config)`` imports ``ascan_jax.tasks.<config.task>`` and returns its ``Task``. A task
-provides:
-  build_model(**overrides), init_variables(key), input_spec(batch_size, train),
-  loss_fn(params, model_state, batch, key), eval_fn(params, model_state, batch),
-  summarize_eval(sums), forward(variables, inputs), synthetic_batch(batch_size, key),
-  train_source(...) / eval_source(...), default_metric.
+The contract every task implements, and the registry that maps ``config.task`` to its class,
+are in ``ascan_jax.tasks.base``; ``get_task(config)`` returns the task object of a config.
 """
-from __future__ import annotations
+from ascan_jax.tasks.base import (Task, TaskError, config_from_saved, get_task, register,
+                                   schema_for, task_class, validate)
 
-import importlib
-
-
-def get_task(config):
-  module = importlib.import_module(f"ascan_jax.tasks.{config.task}")
-  return module.Task(config)
+__all__ = ["Task", "TaskError", "config_from_saved", "get_task", "register", "schema_for",
+           "task_class", "validate"]

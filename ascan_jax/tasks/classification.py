@@ -11,12 +11,17 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ascan_jax import compute
+from ascan_jax import config_defaults
+from ascan_jax import config_validation as cv
 from ascan_jax.data import pipeline
 from ascan_jax.data import sources
 from ascan_jax.models import ascan
+from ascan_jax.models import layout as layout_lib
+from ascan_jax.tasks import base
 
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -71,16 +76,115 @@ def mix_batch(key, images, targets, mask, aug):
   return images, w * targets + (1.0 - w) * flip_targets
 
 
-class Task:
+def default_config() -> ml_collections.ConfigDict:
+  """The classification task's keys; values follow AsCAN-T's paper recipe (appendix A.2)."""
+  c = config_defaults.base()
+  c.task = "classification"
+  c.batch_size = 4096
+  c.eval_batch_size = 1024
+  c.total_epochs = 300.0
+  c.label_smoothing = 0.1
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "ascan"
+  c.model.layout = "C-CCCT-CCTT-CTTT"
+  c.model.widths = (64, 128, 256, 512)
+  c.model.stem_width = 64
+  c.model.embed_dim = 1280
+  c.model.head_dim = 32
+  c.model.mlp_ratio = 4
+  c.model.expand_ratio = 4
+  c.model.se_ratio = 0.25
+  c.model.drop_path_rate = 0.3
+  c.model.head_dropout = 0.0
+  c.model.bn_momentum = 0.9
+  c.model.table_image_size = 224  # relative position tables are sized for this input size.
+  c.model.attention_impl = "auto"  # auto | xla | cudnn | pallas
+  c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+  c.model.dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"  # imagenet2012 | array_record | embedded_mnist | embedded_digits
+  c.data.data_dir = ""  # tfds data_dir, or the folder written by tools.folder_to_array_record.
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 224
+  c.data.num_classes = 1000
+  c.data.eval_crop_fraction = 0.875  # resize to size / fraction, then centre-crop (224 <- 256).
+  c.data.shuffle = "index_shuffle"  # index_shuffle | permutation (see ascan_jax.data.order).
+  c.data.worker_count = 0  # grain worker processes per host; 0 decodes in the main process.
+  c.data.worker_buffer_size = 2
+  c.data.holdout_fraction = 0.2  # embedded datasets only: share kept for evaluation.
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.random_resized_crop = True
+  c.augment.crop_min_scale = 0.08
+  c.augment.flip = True
+  c.augment.randaugment_layers = 2
+  c.augment.randaugment_magnitude = 15
+  c.augment.color_jitter = 0.4
+  c.augment.mixup_alpha = 0.8
+  c.augment.cutmix_alpha = 1.0
+  c.augment.mix_prob = 1.0
+  c.augment.cutmix_switch_prob = 0.5
+
+  c.evals.val = config_defaults.dataset_evaluator()  # eval/top1, eval/top5, eval/loss, ...
+  c.checkpoint.best_metric = "eval/top1"
+  return c
+
+
+def check_backbone(config) -> None:
+  """The AsCAN backbone's keys: layout, widths and heads, dtype/attention/remat names."""
+  m = config.model
+  try:
+    stages = layout_lib.parse_layout(m.layout, num_stages=len(m.widths))
+  except layout_lib.LayoutError as e:
+    raise cv.ConfigError(f"config.model.layout: {e}") from None
+  cv.check_model_common(config)
+  for i, (stage, width) in enumerate(zip(stages, m.widths)):
+    if "T" in stage:
+      cv.require(width % m.head_dim == 0, "model.widths",
+                 f"stage {i + 1} has T blocks and width {width}, not a multiple of head_dim "
+                 f"{m.head_dim}")
+  cv.require(m.table_image_size >= 16, "model.table_image_size", "must be at least 16")
+
+
+@base.register
+class Task(base.Task):
   """The classification task; see the module docstring."""
   name = "classification"
   default_metric = "eval/top1"
 
+  @classmethod
+  def default_config(cls):
+    return default_config()
+
+  @classmethod
+  def validate(cls, config, *, num_devices, num_processes, mode):
+    check_backbone(config)
+    d = config.data
+    cv.require(d.image_size >= 16, "data.image_size", "must be at least 16")
+    cv.require(d.num_classes >= 2, "data.num_classes", "must be at least 2")
+    cv.require(d.worker_count >= 0, "data.worker_count", "must be >= 0")
+    cv.require(0.0 < d.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
+    cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
+
+  @classmethod
+  def upgrade_config(cls, saved):
+    model = saved.get("model", {})
+    if "table_image_size" not in model and "image_size" in saved.get("data", {}):
+      # Before model.table_image_size existed, the tables were sized for data.image_size.
+      saved = {**saved, "model": {**model, "table_image_size": saved["data"]["image_size"]}}
+    return saved
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.dtype = compute.compute_dtype(config.model.dtype)
     self.model = self.build_model()
     self._sources = {}
+
+  def parameter_layer(self):
+    return ascan.parameter_layer_fn(self.config.model.layout)
 
   # ---- data --------------------------------------------------------------------------------
   def source(self, split: str):
@@ -96,10 +200,9 @@ class Task:
     return pipeline.train_dataset(self.source(self.config.data.train_split), codec, self.config,
                                   sharding, total_steps, start_step)
 
-  def eval_batches(self, sharding):
+  def eval_batches(self, sharding, split: str):
     codec = pipeline.ImageCodec.from_config(self.config)
-    return pipeline.eval_dataset(self.source(self.config.data.eval_split), codec, self.config,
-                                 sharding)
+    return pipeline.eval_dataset(self.source(split), codec, self.config, sharding)
 
   # ---- model -------------------------------------------------------------------------------
   def build_model(self, **overrides) -> nn.Module:
@@ -109,7 +212,7 @@ class Task:
                   head_dim=m.head_dim, mlp_ratio=m.mlp_ratio, expand_ratio=m.expand_ratio,
                   se_ratio=m.se_ratio, drop_path_rate=m.drop_path_rate,
                   head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
-                  table_image_size=self.config.data.image_size,
+                  table_image_size=m.table_image_size,
                   attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype)
     kwargs.update(overrides)
     return ascan.AsCAN(**kwargs)
@@ -169,8 +272,7 @@ class Task:
             "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask)}
 
-  @staticmethod
-  def summarize_eval(sums: dict) -> dict:
+  def summarize_eval(self, sums: dict) -> dict:
     n = max(float(sums["count"]), 1.0)
     return {"top1": float(sums["correct1"]) / n, "top5": float(sums["correct5"]) / n,
             "loss": float(sums["loss"]) / n, "examples": int(sums["count"])}

@@ -11,27 +11,29 @@ optionally space-to-depth by ``data.patch`` as "simple diffusion" patches pixel-
 embedded digits in ``:runlocal``) or cached VAE latents (``data.latent_dir``, written by
 ``tools.cache_latents``; samples are decoded with ``sample.vae_dir``).
 
-Evaluation: the held-out denoising loss at fixed timesteps (raw and EMA, through the generic
-evaluator); with ``eval.num_samples > 0``, samples judged by a classifier (``eval.judge_dir``:
-class accuracy and classifier-feature Fréchet distance) and/or by the FID Inception against
-reference statistics (``eval.inception_path``, ``eval.reference_path``: FID, sFID, IS,
-precision, recall), the protocol written beside the numbers in ``DIR/samples``; a sample grid every
-``sample.grid_every_steps``; ``--mode=sample`` writes a grid, an ``.npz`` and the protocol.
+Evaluation (``config.evals``): ``dataset`` = the held-out denoising loss at fixed timesteps (raw
+and EMA in one pass); ``diffusion_samples`` = with ``num_samples > 0``, samples judged by a
+classifier (``judge_dir``: class accuracy and classifier-feature Fréchet distance) and/or by the
+FID Inception against reference statistics (``inception_path``, ``reference_path``: FID, sFID,
+IS, precision, recall), the protocol written beside the numbers in ``DIR/samples``;
+``sample_grid`` = a sample grid. ``--mode=sample`` writes a grid, an ``.npz`` and the protocol
+(``tasks.diffusion_sampling``). A judge that must be trained first (``train_judge``) is a
+prerequisite run of the modes, not something the task trains.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from absl import logging
 
 from ascan_jax import compute
-from ascan_jax import fileio
+from ascan_jax import config_defaults
+from ascan_jax import config_validation as cv
 from ascan_jax.data import latents as latents_lib
 from ascan_jax.data import pipeline
 from ascan_jax.data import sources
@@ -39,7 +41,11 @@ from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import samplers
 from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.models import conditioning
+from ascan_jax.models import layout as layout_lib
 from ascan_jax.models import unet as unet_lib
+from ascan_jax.tasks import base
+from ascan_jax.tasks import diffusion_sampling
+from ascan_jax.tasks import evaluators as evaluators_lib
 
 
 class ClassConditionalUNet(nn.Module):
@@ -80,13 +86,173 @@ def load_config_file(spec: str):
   return module.get_config(arg or None)
 
 
-class Task:
+def default_config() -> ml_collections.ConfigDict:
+  """Class-conditional diffusion with the AsCAN UNet (paper sections 4.2 and A.7)."""
+  c = config_defaults.base()
+  c.task = "diffusion"
+  c.batch_size = 2048
+  c.eval_batch_size = 256
+  c.total_epochs = 1000.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "ascan_unet"
+  c.model.channels = (160, 320, 640)
+  c.model.down_layout = "CCC-CCTT-C" + "T" * 20
+  c.model.mid_layout = "CTC"
+  c.model.up_layout = ""  # empty: mirrors down_layout.
+  c.model.head_dim = 64
+  c.model.expand_ratio = 4  # C blocks' 3x3 expansion (the paper's FusedMBConv: 4).
+  c.model.context_dim = 768
+  c.model.context_tokens = 1  # learned tokens per class label.
+  c.model.norm_groups = 32
+  c.model.drop_path_rate = 0.0
+  c.model.attention_impl = "auto"
+  c.model.remat_policy = "none"
+  c.model.dtype = "auto"
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_train_steps = 1000
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.01  # 0.01 at 256x256, 0.02 at 512 and above (paper).
+  c.diffusion.schedule = "scaled_linear"  # scaled_linear | linear
+  c.diffusion.offset_noise = 0.0
+  c.diffusion.label_dropout = 0.1  # classifier-free guidance training.
+  c.diffusion.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"  # the images (for latent caching, pixel-space training, judges).
+  c.data.data_dir = ""
+  c.data.latent_dir = ""  # set: train on the latent cache there (tools.cache_latents).
+  c.data.latent_channels = 4  # the latent shape when the cache is absent (summary, bench);
+  c.data.latent_downsample = 8  # the cache's metadata wins when it exists (SD VAE: 4, x8).
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 256
+  c.data.channels = 3  # pixel space only: 1 trains on grey images.
+  c.data.patch = 1  # pixel space only: space-to-depth by p (the UNet sees H/p x W/p x p*p*C).
+  c.data.num_classes = 1000
+  c.data.eval_crop_fraction = 1.0  # centre crop of the full short side (ADM's preprocessing).
+  c.data.flip = True
+  c.data.shuffle = "index_shuffle"  # index_shuffle | permutation (see ascan_jax.data.order).
+  c.data.worker_count = 0
+  c.data.worker_buffer_size = 2
+  c.data.holdout_fraction = 0.2
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "heun"  # ddpm | ddim | euler | heun | dpmpp_2m
+  c.sample.steps = 30
+  c.sample.spacing = ""  # empty: the sampler's default.
+  c.sample.guidance = "constant"  # none | constant | interval | ramp
+  c.sample.scale = 1.78  # constant scale (paper); the ramp's start scale is ramp_start.
+  c.sample.ramp_start = 1.1
+  c.sample.ramp_end = 3.6
+  c.sample.start_step = 5  # interval / ramp: 1-indexed first guided step ...
+  c.sample.end_step = -1  # ... and last (-1: the last step).
+  c.sample.classes = ()  # grids and --mode=sample: empty means the first 10 classes.
+  c.sample.per_class = 4
+  c.sample.seed = 0
+  c.sample.ema = True
+  c.sample.batch_size = 64
+  c.sample.vae_dir = ""  # latents: the diffusers VAE that decodes samples to images.
+  c.sample.clip_denoised = 0.0  # > 0: clip x0 estimates to [-c, c] (pixel space: 1.0).
+
+  c.evals.val = config_defaults.dataset_evaluator()  # eval/loss, eval/ema_loss, eval/loss_t<k>
+  c.evals.val.every_steps = 10000
+  c.evals.samples = diffusion_sampling.samples_evaluator_schema()  # off until num_samples > 0.
+  c.evals.grid = diffusion_sampling.grid_evaluator_schema()
+
+  c.optim.schedule = "constant"  # the paper gives no decay.
+  c.optim.peak_lr = 6e-4
+  c.optim.init_lr = 0.0
+  c.optim.end_lr = 6e-4
+  c.optim.warmup_steps = 1000
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip_norm = 1.0
+  c.optim.ema_decay = 0.9999
+  c.checkpoint.best_metric = ""
+  return c
+
+
+def check_config(config) -> None:
+  """Values of the diffusion task that cannot work."""
+  m, s, d = config.model, config.sample, config.diffusion
+  cv.check_model_common(config)
+  cv.require(s.sampler in samplers.SAMPLERS, "sample.sampler",
+             f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+  cv.require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
+             f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
+  cv.require(s.steps >= 1, "sample.steps", "must be >= 1")
+  cv.require(s.per_class >= 1, "sample.per_class", "must be >= 1")
+  cv.require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
+             f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
+  cv.require(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout", "must be in [0, 1)")
+  cv.require(d.schedule in ("scaled_linear", "linear"), "diffusion.schedule",
+             f"{d.schedule!r} is not 'scaled_linear' or 'linear'")
+  try:
+    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
+    layout_lib.parse_layout(m.mid_layout)
+    if m.up_layout:
+      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
+  except layout_lib.LayoutError as err:
+    raise cv.ConfigError(f"config.model: {err}") from None
+  for level, (stage, width) in enumerate(zip(down, m.channels)):
+    if "T" in stage:
+      cv.require(width % m.head_dim == 0, "model.channels",
+                 f"level {level + 1} has T blocks and width {width}, not a multiple of "
+                 f"head_dim {m.head_dim}")
+    cv.require(width % m.norm_groups == 0, "model.norm_groups",
+               f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
+  data = config.data
+  if not data.latent_dir:
+    factor = 2 ** (len(m.channels) - 1) * data.patch
+    cv.require(data.image_size % factor == 0, "data.image_size",
+               f"{data.image_size} is not divisible by {factor} (the UNet's "
+               f"{len(m.channels)} levels x data.patch {data.patch})")
+    cv.require(data.channels in (1, 3), "data.channels", "must be 1 or 3")
+  cv.require(data.num_classes >= 2, "data.num_classes", "must be at least 2")
+  cv.require(0.0 < data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
+  cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
+  for name in config.evals.keys():
+    e = config.evals[name]
+    if e.type != "diffusion_samples":
+      continue
+    key = f"evals.{name}"
+    if e.num_samples > 0:
+      cv.require(bool(e.judge_dir) or bool(e.inception_path and e.reference_path),
+                 f"{key}.num_samples",
+                 "sample metrics need a judge classifier (judge_dir) or the FID Inception and "
+                 "reference statistics (inception_path, reference_path)")
+    cv.require(bool(e.inception_path) == bool(e.reference_path), f"{key}.reference_path",
+               "inception_path and reference_path go together")
+    if e.train_judge:
+      cv.require(bool(e.judge_config), f"{key}.judge_config",
+                 "train_judge needs the judge's config file (e.g. configs/ascan_t.py:runlocal)")
+
+
+@base.register
+class Task(base.Task):
   """The diffusion task; see the module docstring."""
   name = "diffusion"
   default_metric = ""
 
+  @classmethod
+  def default_config(cls):
+    return default_config()
+
+  @classmethod
+  def validate(cls, config, *, num_devices, num_processes, mode):
+    check_config(config)
+
+  @classmethod
+  def evaluator_schemas(cls):
+    return {"dataset": config_defaults.dataset_evaluator,
+            "diffusion_samples": diffusion_sampling.samples_evaluator_schema,
+            "sample_grid": diffusion_sampling.grid_evaluator_schema}
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     d = config.diffusion
     self.dtype = compute.compute_dtype(config.model.dtype)
     self.schedule = schedule_lib.NoiseSchedule(num_train_steps=d.num_train_steps,
@@ -104,9 +270,6 @@ class Task:
     self.model = self.build_model()
     self._sources = {}
     self._generators = {}
-    self._judge = None
-    self._inception = None
-    self._real_features = None
     self._vae = None
 
   # ---- model -------------------------------------------------------------------------------
@@ -203,9 +366,8 @@ class Task:
     return pipeline.train_dataset(self.source(self.config.data.train_split), self.codec(),
                                   self.config, sharding, total_steps, start_step)
 
-  def eval_batches(self, sharding):
-    return pipeline.eval_dataset(self.source(self.config.data.eval_split), self.codec(),
-                                 self.config, sharding)
+  def eval_batches(self, sharding, split: str):
+    return pipeline.eval_dataset(self.source(split), self.codec(), self.config, sharding)
 
   # ---- training ----------------------------------------------------------------------------
   def _bucket_metrics(self, prefix, t, per_example, mask):
@@ -287,135 +449,32 @@ class Task:
                                                  self.config.sample.batch_size)
     return self._generators[key]
 
-  def _grid_labels(self) -> np.ndarray:
-    s = self.config.sample
-    classes = list(s.classes) or list(range(min(self.config.data.num_classes, 10)))
-    return np.repeat(np.asarray(classes, np.int32), s.per_class)
-
-  def on_step(self, state, setup, step: int, workdir: str) -> None:
-    """A sample grid every ``sample.grid_every_steps`` steps, in ``DIR/samples``."""
-    every = self.config.sample.grid_every_steps
-    if every <= 0 or step % every:
-      return
-    gen = self.generator(setup)
-    s = self.config.sample
-    params = state.ema_params if s.ema else state.params
-    labels = self._grid_labels()
-    images = gen(params, labels, s.seed)
-    if jax.process_index() == 0:
-      generate.write_outputs(fileio.join(workdir, "samples"),
-                             f"grid_step{step:07d}_{gen.tag(s.seed, s.ema)}", images, labels,
-                             gen.protocol(step=step, ema=s.ema, num_samples=len(labels),
-                                          seed=s.seed), columns=s.per_class)
-
-  def _load_judge(self):
-    if self._judge is None:
-      from ascan_jax.eval import judge as judge_lib
-      e = self.config.eval
-      if e.train_judge:
-        judge_lib.ensure_trained(load_config_file(e.judge_config), e.judge_dir)
-      self._judge = judge_lib.Judge.from_workdir(e.judge_dir)
-      if self._judge.image_size != self.config.data.image_size:
-        raise ValueError(f"the judge in {e.judge_dir} takes {self._judge.image_size}px images, "
-                         f"the samples are {self.config.data.image_size}px")
-      self._real_features = self._judge.real_features(limit=e.real_samples)
-    return self._judge
-
-  def bench_sampling(self, result: dict) -> dict:
-    """Whole samples per second: NFE of the configured sampler, the rate implied by the measured
-    forward throughput at the largest benchmarked batch and, with ``bench.measure_sampling``, a
-    timed sampling run of that many samples (the paper's Table 4 uses batch 64)."""
-    s = self.config.sample
-    nfe = samplers.nfe(s.sampler, s.steps, generate.guidance_schedule(s))
-    batch = max(int(b) for b in result["inference"])
-    fwd = result["inference"][str(batch)]["examples_per_second"]
-    out = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
-           "nfe_per_sample": nfe, "batch": batch,
-           "samples_per_second_from_forward": fwd / nfe}
-    if self.config.bench.measure_sampling:
-      from ascan_jax.train import setup as setup_lib
-      setup = setup_lib.build(self, self.config, self.config.batch_size * 1000)
-      state = setup_lib.create_state(setup)
-      gen = generate.Generator(self, setup.mesh, setup.rules, setup.state_shardings.params,
-                               batch)
-      labels = np.arange(batch) % self.config.data.num_classes
-      gen(state.params, labels, 0)  # compile
-      t0 = time.perf_counter()
-      gen(state.params, labels, 1)
-      out["samples_per_second_measured"] = batch / (time.perf_counter() - t0)
+  def prerequisites(self):
+    """The judge classifier of each ``diffusion_samples`` evaluator with ``train_judge``."""
+    from ascan_jax.tasks import judge as judge_lib  # pylint: disable=g-import-not-at-top
+    out = []
+    for name in self.config.evals.keys():
+      e = self.config.evals[name]
+      if e.type == "diffusion_samples" and e.num_samples > 0 and e.train_judge:
+        judge_config = load_config_file(e.judge_config)
+        if not judge_lib.is_trained(judge_config, e.judge_dir):
+          out.append((judge_config, e.judge_dir))
     return out
 
-  def _load_inception(self):
-    if self._inception is None:
-      from ascan_jax.eval import inception_evaluator
-      e = self.config.eval
-      self._inception = inception_evaluator.InceptionEvaluator(e.inception_path,
-                                                               e.reference_path)
-    return self._inception
+  def make_evaluators(self, setup) -> dict:
+    from ascan_jax.tasks import judge as judge_lib  # pylint: disable=g-import-not-at-top
+    out = evaluators_lib.build_standard(self, setup)
+    for name in self.config.evals.keys():
+      cfg = self.config.evals[name]
+      if cfg.type == "diffusion_samples":
+        out[name] = diffusion_sampling.SampleMetricsEvaluator(
+            name, cfg, self, self.generator(setup), judge_lib.Judge.from_workdir)
+      elif cfg.type == "sample_grid":
+        out[name] = diffusion_sampling.GridEvaluator(name, cfg, self, self.generator(setup))
+    return out
 
-  def sample_evaluation(self, state, setup, step: int, workdir: str) -> dict:
-    """Metrics of ``eval.num_samples`` class-balanced samples (EMA by default): the judge's
-    class accuracy and feature distance, and/or FID, sFID, IS, precision and recall."""
-    e = self.config.eval
-    use_judge = bool(e.judge_dir)
-    use_inception = bool(e.inception_path and e.reference_path)
-    if e.num_samples <= 0 or not (use_judge or use_inception):
-      return {}
-    gen = self.generator(setup)
-    s = self.config.sample
-    num_classes = self.config.data.num_classes
-    labels = np.arange(e.num_samples, dtype=np.int32) % num_classes
-    params = state.ema_params if s.ema else state.params
-    seed = s.seed + 1  # not the grid's seed.
-    images = gen(params, labels, seed)
-    protocol = gen.protocol(step=step, ema=s.ema, num_samples=len(labels), seed=seed)
-    metrics = {}
-    if use_judge:
-      judge = self._load_judge()
-      metrics.update({f"eval/{k}": v for k, v in
-                      judge.evaluate(images, labels, self._real_features).items()})
-      protocol.update(judge_dir=judge.workdir, judge_step=judge.step,
-                      judge_real_samples=len(self._real_features))
-    if use_inception:
-      inception = self._load_inception()
-      metrics.update({f"eval/{k}": v for k, v in inception.evaluate(images).items()})
-      protocol.update(inception.protocol(len(images)))
-    name = f"eval_step{step:07d}_{gen.tag(seed, s.ema)}"
-    if jax.process_index() == 0:
-      protocol["metrics"] = metrics
-      order = np.argsort(labels[:100], kind="stable")
-      generate.write_outputs(fileio.join(workdir, "samples"), name,
-                             images[:100][order], labels[:100][order], protocol,
-                             columns=max(1, min(10, len(order) // max(1, num_classes))))
-    metrics["eval/sample_protocol"] = f"samples/{name}.json"
-    metrics["eval/sample_nfe"] = gen.nfe()
-    return metrics
+  def sample(self, context, workdir: str) -> dict:
+    return diffusion_sampling.sample_mode(self, context, workdir)
 
-  def sample(self, config, workdir: str) -> dict:
-    """``--mode=sample``: a grid, an .npz and the protocol for ``sample.classes`` x seeds."""
-    from ascan_jax.train import checkpoint as checkpoint_lib
-    from ascan_jax.train import setup as setup_lib
-    ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="")
-    step = config.checkpoint.step if config.checkpoint.step >= 0 else ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                              f"{ckpt.directory} to sample from; available: {ckpt.all_steps()}")
-    setup = setup_lib.build(self, config, self.num_train_examples())
-    state, _, _ = ckpt.restore(step, setup.abstract_state)
-    ckpt.close()
-    s = config.sample
-    params = state.ema_params if s.ema else state.params
-    labels = self._grid_labels() if not s.classes else np.repeat(
-        np.asarray(s.classes, np.int32), s.per_class)
-    gen = self.generator(setup)
-    images = gen(params, labels, s.seed, progress=jax.process_index() == 0)
-    paths = {}
-    if jax.process_index() == 0:
-      protocol = gen.protocol(step=step, ema=s.ema, num_samples=len(labels), seed=s.seed)
-      paths = generate.write_outputs(fileio.join(workdir, "samples"),
-                                     f"sample_step{step:07d}_{gen.tag(s.seed, s.ema)}", images,
-                                     labels, protocol, columns=s.per_class)
-      print(f"wrote {len(labels)} samples: {paths['png']}, {paths['npz']}, {paths['json']}",
-            flush=True)
-      logging.info("samples: %s", paths)
-    return paths
+  def bench_extra(self, result: dict, make_context) -> dict:
+    return {"sampling": diffusion_sampling.bench_sampling(self, result, make_context)}

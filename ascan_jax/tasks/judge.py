@@ -8,42 +8,39 @@ pooled pre-logits feature space (``fd_classifier``, FID's formula with this clas
 of Inception).
 
 ``Judge.from_workdir(DIR)`` rebuilds the classifier from ``DIR/config.json`` and restores the EMA
-parameters of its latest checkpoint. ``ensure_trained(config, DIR)`` trains it there first when
-``DIR`` holds no checkpoint (the classification loop resumes, so an interrupted judge training
-continues and a finished one is reused).
+parameters of its latest checkpoint. Training the judge when it is missing is a *prerequisite*
+run (``Task.prerequisites``; the modes train it first, see ``ascan_jax.modes.prerequisites``),
+so nothing here trains. ``is_trained(config, DIR)`` says whether that run has finished.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import logging
 
 from ascan_jax import fileio
 from ascan_jax import tasks
 from ascan_jax.eval import generative_metrics
+from ascan_jax.tasks import classification
+from ascan_jax.train import builder
 from ascan_jax.train import checkpoint as checkpoint_lib
-from ascan_jax.train import setup as setup_lib
 
 
-def ensure_trained(config, workdir: str) -> str:
-  """Trains the classification ``config`` in ``workdir`` unless it already finished there."""
+def is_trained(config, workdir: str) -> bool:
+  """Whether the classification run ``config`` has finished in ``workdir``."""
+  from ascan_jax.train import optim  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="")
   latest = ckpt.latest_step()
   ckpt.close()
-  from ascan_jax.train import optim
-  task = tasks.get_task(config)
-  total = optim.resolve_durations(config, task.num_train_examples()).total_steps
-  if latest is None or latest < total:
-    logging.info("training the judge classifier in %s (%s steps)", workdir, total)
-    print(f"training the judge classifier in {workdir} ({total} steps)", flush=True)
-    from ascan_jax.train import loop
-    loop.train(task, config, workdir)
-  return workdir
+  if latest is None:
+    return False
+  total = optim.resolve_durations(config, None).total_steps if config.total_steps > 0 else None
+  if total is None:
+    task = tasks.get_task(config)
+    total = optim.resolve_durations(config, task.num_train_examples()).total_steps
+  return latest >= total
 
 
 class Judge:
@@ -58,8 +55,8 @@ class Judge:
     model = task.model
 
     def predict(images):
-      from ascan_jax.tasks.classification import normalize
-      logits, emb = model.apply(variables, normalize(images), train=False, return_embedding=True)
+      logits, emb = model.apply(variables, classification.normalize(images), train=False,
+                                return_embedding=True)
       return logits.astype(jnp.float32), emb.astype(jnp.float32)
 
     self._predict = jax.jit(predict)
@@ -70,13 +67,13 @@ class Judge:
     if not fileio.exists(path):
       raise FileNotFoundError(f"no judge classifier in {workdir!r} (missing config.json); train "
                               "one with the classification task first")
-    config = ml_collections.ConfigDict(json.loads(fileio.read_text(path))["config"])
+    config, _ = tasks.config_from_saved(json.loads(fileio.read_text(path))["config"])
     task = tasks.get_task(config)
     ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="")
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"judge classifier in {workdir!r} has no checkpoint")
-    setup = setup_lib.build(task, config, task.num_train_examples())
+    setup = builder.build(task, config, None)
     state, _, _ = ckpt.restore(step, setup.abstract_state)
     ckpt.close()
     params = state.ema_params if use_ema else state.params
@@ -119,9 +116,3 @@ class Judge:
         *generative_metrics.feature_statistics(feats),
         *generative_metrics.feature_statistics(real_features))
     return {"sample_class_accuracy": accuracy, "fd_classifier": float(fd)}
-
-
-def default_cache_dir(name: str) -> str:
-  base = os.environ.get("ASCAN_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                    "ascan_jax"))
-  return os.path.join(base, "judges", name)

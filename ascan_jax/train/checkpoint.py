@@ -5,6 +5,9 @@ Each checkpoint holds three items:
 * ``data``: grain's iterator state for this process (one file per process);
 * ``meta``: JSON with the step, the process count, the data position and the model's parameter
   shapes, so a checkpoint from another model is refused with a message listing what differs.
+Frozen weights (a text encoder, a VAE) are never written: they come from their own source.
+The best checkpoint is kept by ``checkpoint.best_metric`` in the direction ``best_mode`` (max for
+accuracy, min for a loss or an FID).
 orbax writes into a temporary directory and renames it when complete, so a process killed at
 any moment (SIGKILL) leaves at most an unfinished temporary directory, which is ignored; the
 run resumes from the last complete step. Restores take the *current* shardings as targets, so a
@@ -52,15 +55,19 @@ def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> str:
 class Checkpointer:
   """Saves and restores train state, data-iterator state and metadata under ``DIR/checkpoints``."""
 
-  def __init__(self, workdir: str, config, *, best_metric: str):
+  def __init__(self, workdir: str, config, *, best_metric: str, best_mode: str = "max"):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints") \
         if "://" not in workdir else workdir.rstrip("/") + "/checkpoints"
     c = config.checkpoint
     self.best_metric = best_metric
     policies = [checkpoint_managers.LatestN(n=c.keep)]
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best checkpoint mode {best_mode!r} is not 'max' or 'min'")
+    self.best_mode = best_mode
     if c.keep_best and best_metric:
+      # BestN keeps the largest metric unless reversed: a loss or an FID keeps the smallest.
       policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=c.async_save,

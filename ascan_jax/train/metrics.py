@@ -23,6 +23,16 @@ def _clean(value):
   return value
 
 
+def _value(v):
+  """A JSON value: strings as they are, arrays (a confusion matrix, per-class numbers) as
+  nested lists, numbers as floats (NaN and infinities as strings)."""
+  if isinstance(v, str):
+    return v
+  if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0:
+    return [_value(x) for x in v]
+  return _clean(float(v))
+
+
 class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard (process 0 only)."""
 
@@ -51,8 +61,7 @@ class MetricWriter:
   def write(self, step: int, scalars: dict) -> None:
     if not self.is_main:
       return
-    record = {"step": int(step), **{k: v if isinstance(v, str) else _clean(float(v))
-                                    for k, v in scalars.items()}}
+    record = {"step": int(step), **{k: _value(v) for k, v in scalars.items()}}
     fileio.append_line(self.path, json.dumps(record))
     if self._tb is not None:
       for k, v in record.items():

@@ -1,8 +1,14 @@
-"""The generic jitted train step: gradients (accumulated over micro-batches), AdamW, EMA.
+"""The generic jitted train step: preprocessing with frozen weights, gradients (accumulated over
+micro-batches), the optimizer, EMA.
 
-The task supplies ``loss_fn(params, model_state, batch, key) -> (loss, (model_state, metrics))``;
-everything else is task-independent. Randomness is ``fold_in(state.rng, state.step)`` (and the
-micro-batch index), so a resumed run draws exactly the same numbers.
+``step(state, frozen, batch) -> (state, metrics)``. The task supplies
+``preprocess(frozen, batch, key, train) -> batch`` (on-device work with frozen weights: encode text
+or images; its result is under ``stop_gradient``, so no gradient of the frozen weights is ever
+formed) and ``loss_fn(params, model_state, batch, key) -> (loss, (model_state, metrics))``;
+everything else is task-independent. ``frozen`` is a separate argument of the step: it is not
+part of the state, so it is never optimised, EMA-averaged, donated or checkpointed. Randomness is
+``fold_in(state.rng, state.step)`` (and the micro-batch index), so a resumed run draws exactly the
+same numbers.
 
 Micro-batches take every ``microbatches``-th example (not contiguous chunks), so each one is
 spread evenly over the data-parallel devices.
@@ -42,14 +48,21 @@ def ema_decay_at(step, decay: float, warmup: bool):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+PREPROCESS_STREAM = 1 << 30  # fold_in constant of the preprocessing key (apart from the loss's).
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
-                    *, microbatches: int = 1, ema_decay: float = 0.0,
+                    *, preprocess=None, microbatches: int = 1, ema_decay: float = 0.0,
                     ema_warmup: bool = False):
-  """``step(state, batch) -> (state, metrics)``, to be jitted by the caller."""
+  """``step(state, frozen, batch) -> (state, metrics)``, to be jitted by the caller."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: dict):
+  def step(state: TrainState, frozen, batch: dict):
     key = jax.random.fold_in(state.key(), state.step)
+    if preprocess is not None:
+      batch = jax.lax.stop_gradient(
+          preprocess(jax.lax.stop_gradient(frozen), batch,
+                     jax.random.fold_in(key, PREPROCESS_STREAM), True))
     if microbatches == 1:
       (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, key)
     else:
