@@ -55,9 +55,41 @@ def parse_flags(argv):
     _fail(f"config: {message}")
 
 
+def _check_workdir() -> None:
+  """Before anything else: a --workdir that cannot be used is one line, and nothing is written."""
+  from ascan_jax import fileio
+  try:
+    fileio.check_workdir(FLAGS.workdir, must_exist=FLAGS.mode in ("eval", "sample"))
+  except fileio.WorkdirError as e:
+    _fail(str(e))
+
+
+def _log_to_file() -> str:
+  """Library INFO logs (orbax, grain, jax) go to a log file, the console shows warnings and the
+  run's own lines. The file is ``DIR/logs/main.<host>.<pid>.log`` (a local cache directory when
+  the workdir is remote); ``--alsologtostderr`` or ``--stderrthreshold`` override this."""
+  import socket
+  if "://" in FLAGS.workdir:
+    log_dir = os.path.join(os.path.expanduser("~"), ".cache", "ascan_jax", "logs")
+  else:
+    log_dir = os.path.join(FLAGS.workdir, "logs")
+  if FLAGS["alsologtostderr"].present or FLAGS["logtostderr"].value:
+    return ""
+  if FLAGS.mode in ("eval", "sample"):  # read-only modes write no log file into the run.
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    return ""
+  os.makedirs(log_dir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file(f"main.{socket.gethostname()}", log_dir)
+  if not FLAGS["stderrthreshold"].present:
+    FLAGS.stderrthreshold = "warning"
+  return log_dir
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; options are --flag=value")
+  _check_workdir()
   from ascan_jax import config_validation
   from ascan_jax import tasks
   config = FLAGS.config
@@ -88,12 +120,19 @@ def main(argv):
     _fail(f"config: {e}")
 
   from ascan_jax.data import sources
+  from ascan_jax.modes import train as train_mode
   from ascan_jax.train import builder
   from ascan_jax.train import checkpoint
   from ascan_jax.train import init_from
   try:
-    _run(config, task_class(config))
-  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
+    task = task_class(config)
+    if FLAGS.mode in ("train", "eval"):
+      task.preflight(FLAGS.mode)  # a missing split or a wrong class count: before any write.
+    _log_to_file()
+    _run(config, task)
+  except train_mode.Interrupted as e:
+    sys.exit(e.exit_code)
+  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError,
           builder.NoCheckpointError, init_from.InitFromError, tasks.TaskError) as e:
     _fail(str(e))
 

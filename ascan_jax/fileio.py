@@ -50,3 +50,61 @@ def append_line(path: str, line: str) -> None:
     return
   with open(path, "a") as f:
     f.write(line)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file (through a temporary file and a rename when local)."""
+  if is_remote(path):
+    epath.Path(path).write_bytes(data)
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def rename(src: str, dst: str) -> None:
+  """Moves a file or a directory (a copy and a delete on object stores)."""
+  epath.Path(src).rename(dst)
+
+
+class WorkdirError(ValueError):
+  """A --workdir that cannot be used; the message says why."""
+
+
+def check_workdir(path: str, *, must_exist: bool = False) -> None:
+  """Raises ``WorkdirError`` when ``path`` cannot serve as a run directory: a file, a directory
+  that cannot be created or written, or (``must_exist``) no directory at all. Writes nothing
+  that stays: a probe file is created and removed. Remote paths (gs://) are not probed."""
+  if not path:
+    raise WorkdirError("--workdir is empty")
+  if is_remote(path):
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"--workdir={path} is a file, not a directory")
+  created = []
+  if not os.path.exists(path):
+    if must_exist:
+      raise WorkdirError(f"--workdir={path} does not exist (no run there to use)")
+    missing = os.path.abspath(path)
+    while not os.path.exists(missing):
+      created.append(missing)
+      missing = os.path.dirname(missing)
+    try:
+      os.makedirs(path)
+    except OSError as e:
+      raise WorkdirError(f"--workdir={path} cannot be created ({e.strerror or e})") from None
+  try:
+    probe = os.path.join(path, f".ascan_write_probe_{os.getpid()}")
+    try:
+      with open(probe, "w") as f:
+        f.write("")
+      os.remove(probe)
+    except OSError as e:
+      raise WorkdirError(f"--workdir={path} cannot be written ({e.strerror or e})") from None
+  finally:
+    for d in created:  # leave nothing behind: the run creates what it needs itself.
+      try:
+        os.rmdir(d)
+      except OSError:
+        break

@@ -23,8 +23,13 @@ def parse_layout(layout: str, num_stages: int | None = None) -> tuple[str, ...]:
   """
   if not isinstance(layout, str):
     raise LayoutError(f"layout must be a string like 'C-CCCT-CCTT-CTTT', got {layout!r}")
-  text = layout.strip().upper()
+  text = layout.strip()
   for pos, ch in enumerate(text):
+    if ch.upper() in BLOCK_TYPES and ch not in BLOCK_TYPES:
+      # Refused rather than upper-cased: one spelling of a layout everywhere (configs, parameter
+      # names such as stage2_block4_T, summaries), so runs compare by their strings.
+      raise LayoutError(f"layout {layout!r}: lower-case {ch!r} at position {pos}; block letters "
+                        f"are upper-case ('C', 'T'): write {text.upper()!r}")
     if ch not in BLOCK_TYPES and ch != STAGE_SEPARATOR:
       raise LayoutError(
           f"layout {layout!r}: bad character {ch!r} at position {pos}; "

@@ -15,6 +15,7 @@ from ascan_jax.train import builder
 
 def evaluate(task, config, workdir: str) -> dict:
   context = builder.restore(task, config, workdir, config.checkpoint.step)
+  task.preflight("eval")
   prerequisites.ensure(task)
   evaluators = task.make_evaluators(context.setup)
   results = {"step": context.step,

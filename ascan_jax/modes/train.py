@@ -74,7 +74,10 @@ def _scalars(tree) -> dict:
 def _mfu_setup(task, config):
   """(forward MACs per example, peak FLOP/s per device) for the MFU in the progress line."""
   try:
-    model = task.build_model(attention_impl="xla")
+    try:  # count with the reference attention, whatever kernel the run uses.
+      model = task.build_model(attention_impl="xla")
+    except TypeError:  # a model without attention implementations.
+      model = task.build_model()
     macs = summary_lib.count_forward_macs(task, model, summary_lib.abstract_variables(task, model))
     peak, _ = peaks.peak_flops(jax.devices()[0], task.dtype)
     return macs["macs"], peak
@@ -111,8 +114,52 @@ def format_metrics(metrics: dict) -> str:
                    for k, v in metrics.items())
 
 
+class Interrupted(Exception):
+  """The run stopped on a signal after writing its checkpoint; ``exit_code`` for the shell."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _global_sum(value: int) -> int:
+  """``value`` summed over processes (host-side counters such as skipped records)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def _restore_or_start(task, config, setup, ckpt, workdir: str):
+  """``(state, start step, skipped records so far)``: the newest intact checkpoint (damaged
+  ones named and set aside), else a fresh state, warm-started when ``config.init_from`` says."""
+  if ckpt.all_steps():
+    state, meta, step, damaged = ckpt.restore_latest_intact(setup.abstract_state)
+    for bad_step, message, path in damaged:
+      say(f"{message}; moved it to {path}" + (f", resuming from step {step}" if state is not None
+                                                else ""))
+    if state is not None:
+      say(f"resumed from step {step} of {workdir} (data stream rebuilt from the step)")
+      return state, int(jax.device_get(state.step)), int(meta.get("skipped_records", 0))
+    say(f"no intact checkpoint left in {ckpt.directory}: starting from scratch")
+  state = builder.create_state(setup)
+  if config.init_from.workdir:
+    state, report = init_from_lib.warm_start(state, setup.state_shardings, config.init_from,
+                                             setup.mesh, workdir)
+    say(report.summary())
+  return state, 0, 0
+
+
+def say(line: str) -> None:
+  """A line for the user: printed by process 0 and kept in the log."""
+  logging.info(line)
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
 def train(task, config, workdir: str):
-  """Trains (or resumes) until ``total_steps``; returns the final state."""
+  """Trains (or resumes) until ``total_steps``; returns the final state. Raises
+  ``Interrupted`` after writing a checkpoint when SIGTERM or Ctrl-C stopped it."""
   prerequisites.ensure(task)
   sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
   setup = builder.build(task, config, task.num_train_examples())
@@ -120,25 +167,20 @@ def train(task, config, workdir: str):
   global_batch = config.batch_size
   local_batch = sharding.local(global_batch)
   metric, mode = builder.best_settings(task, config)
+  task.preflight("train")  # every dataset the run reads, before anything is written.
   ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric=metric, best_mode=mode)
-  latest = ckpt.latest_step()
-  iterator = iter(task.train_batches(sharding, total, 0))
-  if latest is not None:
-    state, meta, data_restored = ckpt.restore(latest, setup.abstract_state, iterator)
-    start = int(jax.device_get(state.step))
-    if not data_restored:  # another process count: rebuild the stream at the restored step.
-      iterator = iter(task.train_batches(sharding, total, start))
-    logging.info("resumed from step %d (data iterator %s)", start,
-                 "restored" if data_restored else "rebuilt from the step")
-  else:
-    state = builder.create_state(setup)
-    start = 0
-    if config.init_from.workdir:
-      state, report = init_from_lib.warm_start(state, setup.state_shardings, config.init_from,
-                                               setup.mesh, workdir)
-      logging.info(report.summary())
-      if jax.process_index() == 0:
-        print(report.summary(), flush=True)
+  try:
+    state, start, skipped_before = _restore_or_start(task, config, setup, ckpt, workdir)
+  except BaseException:
+    ckpt.close()
+    raise
+  if start >= total:
+    ckpt.close()
+    say(f"the run in {workdir} is complete at step {start} (total_steps {total}); its metrics "
+        f"are in {fileio.join(workdir, 'metrics.jsonl')} and its checkpoints in "
+        f"{ckpt.directory}. Nothing to do (use --mode=eval to evaluate it again).")
+    return state
+  iterator = iter(task.train_batches(sharding, total, start))
   _save_config(config, workdir, setup.durations, start)
   writer = metrics_lib.MetricWriter(workdir, is_main=jax.process_index() == 0,
                                     tensorboard=config.log.tensorboard,
@@ -146,11 +188,12 @@ def train(task, config, workdir: str):
   evaluators = task.make_evaluators(setup)
   macs, peak = _mfu_setup(task, config)
   meta = {"param_shapes": checkpoint_lib.param_shapes(setup.abstract_state.params),
-          "process_count": jax.process_count(), "has_data": True, "task": config.task,
+          "process_count": jax.process_count(), "task": config.task,
           "global_batch": global_batch}
   progress = metrics_lib.Progress(start, total, 6.0 * macs if macs else None, peak)
   watcher = preemption.PreemptionWatcher()
-  skipped = 0
+  skipped = 0  # this process's skipped records since the start (global sum: skipped_before +).
+  in_flight = None  # metrics of the previous step: at most one step runs ahead of the host.
   logging.info("training steps %d..%d, global batch %d over %d devices", start, total,
                global_batch, jax.device_count())
   try:
@@ -169,10 +212,17 @@ def train(task, config, workdir: str):
       else:
         state, metrics = setup.train_step(state, setup.frozen, device_batch)
       done = step + 1
+      watcher.current_step = done
+      if in_flight is not None:  # a signal is acted on within one step (see preemption.py).
+        jax.block_until_ready(in_flight)
+      else:  # the first step (with compilation) finished: the ETA counts from here.
+        jax.block_until_ready(metrics)
+        progress.first_step_done(done)
+      in_flight = metrics
       scalars = None
       if done % config.log.every_steps == 0 or done == total:
         scalars = _scalars(metrics)
-        scalars["data/skipped_records"] = skipped
+        scalars["data/skipped_records"] = skipped_before + _global_sum(skipped)
         scalars["epoch"] = done / setup.durations.steps_per_epoch
         perf = progress.line(done, scalars, global_batch, jax.device_count())
         scalars.update(perf)
@@ -182,19 +232,24 @@ def train(task, config, workdir: str):
           due=lambda ev: done % ev.every_steps == 0 or done == total)
       if eval_metrics:
         logging.info("step %d eval: %s", done, eval_metrics)
-        print(f"step {done} eval: {format_metrics(eval_metrics)}", flush=True)
+        if jax.process_index() == 0:
+          print(f"step {done} eval: {format_metrics(eval_metrics)}", flush=True)
         scalars = {**(scalars or {}), **eval_metrics}
       if scalars is not None:
         writer.write(done, scalars)
       stop = watcher.should_stop(done)
       if (done % config.checkpoint.every_steps == 0 or done == total or stop
           or eval_metrics):
-        ckpt.save(done, state, iterator, {**meta, "step": done},
+        ckpt.save(done, state, {**meta, "step": done,
+                                "skipped_records": skipped_before + _global_sum(skipped)},
                   metrics=eval_metrics or None, force=stop or done == total)
       if stop:
-        logging.warning("preempted: checkpoint at step %d written, exiting", done)
-        print(f"preempted: checkpoint at step {done} written, exiting", flush=True)
-        break
+        ckpt.wait()
+        message = (f"stopped by {watcher.signal_name} during step {watcher.step_at_signal}: "
+                   f"checkpoint at step {done} written to {ckpt.directory}; run the same "
+                   "command to resume")
+        say(message)
+        raise Interrupted(message, watcher.exit_code)
   finally:
     watcher.close()
     ckpt.close()

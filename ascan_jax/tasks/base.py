@@ -154,6 +154,19 @@ class Task(abc.ABC):
     from ascan_jax.tasks import evaluators  # pylint: disable=g-import-not-at-top
     return evaluators.build_standard(self, context)
 
+  def preflight(self, mode: str) -> None:
+    """Opens every dataset the run will read before its first step, so a missing split, a wrong
+    class count or an empty source fails at once with one line (not after hours of training).
+    Default: the training set (train mode) and the split of every ``dataset`` evaluator."""
+    from ascan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    if mode == "train":
+      self.num_train_examples()
+    sharding = pipeline.Sharding(0, 1)
+    for name in self.config.get("evals", {}).keys():
+      e = self.config.evals[name]
+      if e.type == "dataset":
+        self.eval_batches(sharding, e.split or self.config.data.eval_split)
+
   # ---- optional modes ----------------------------------------------------------------------
   def prerequisites(self) -> list[tuple[ml_collections.ConfigDict, str]]:
     """``(config, workdir)`` runs that must be trained before this one (e.g. a judge)."""

@@ -31,7 +31,7 @@ from ascan_jax.train import checkpoint as checkpoint_lib
 def is_trained(config, workdir: str) -> bool:
   """Whether the classification run ``config`` has finished in ``workdir``."""
   from ascan_jax.train import optim  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="")
+  ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="", read_only=True)
   latest = ckpt.latest_step()
   ckpt.close()
   if latest is None:
@@ -69,13 +69,8 @@ class Judge:
                               "one with the classification task first")
     config, _ = tasks.config_from_saved(json.loads(fileio.read_text(path))["config"])
     task = tasks.get_task(config)
-    ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric="")
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"judge classifier in {workdir!r} has no checkpoint")
-    setup = builder.build(task, config, None)
-    state, _, _ = ckpt.restore(step, setup.abstract_state)
-    ckpt.close()
+    context = builder.restore(task, config, workdir)
+    step, state = context.step, context.state
     params = state.ema_params if use_ema else state.params
     model_state = state.ema_model_state if use_ema else state.model_state
     variables = jax.device_get({"params": params, **model_state})

@@ -6,8 +6,10 @@
 fixed seed, becomes the ``validation`` split) or ``train/CLASS/*`` and ``validation/CLASS/*``
 (splits taken as they are). Class indices follow the sorted class-folder names. Each record is a
 msgpack map ``{'image': original file bytes, 'label': int, 'path': relative path}``: images are
-stored as they are (no re-encoding), so the conversion is fast and lossless; undecodable files
-are still written and are skipped, and counted, when training reads them. Writes
+stored as they are (no re-encoding), so the conversion is fast and lossless. Files that do not
+decode are left out, each named in a warning and listed under ``skipped`` in ``metadata.json``.
+An input that cannot become a dataset (missing, empty, images without class folders, class
+folders without images) is refused with one line, before anything is written. Writes
 ``OUT/metadata.json`` and ``OUT/<split>-NNNNN-of-NNNNN.array_record``; then train with
 ``--config.data.name=array_record --config.data.data_dir=OUT --config.data.num_classes=K``.
 """
@@ -15,14 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import msgpack
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ConversionError(ValueError):
+  """An input that cannot become a dataset; the message says what is wrong with it."""
 
 
 
@@ -46,13 +54,29 @@ def _class_files(root: str) -> dict[str, list[str]]:
   return out
 
 
+def _check_classes(root: str, files: dict[str, list[str]]) -> None:
+  if not files:
+    loose = [n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    hint = (f" (it holds {len(loose)} images directly: put each class in its own sub-folder, "
+            "DIR/CLASS/*.jpg)" if loose else "")
+    raise ConversionError(f"--input={root!r} has no class sub-folders{hint}")
+  empty = sorted(c for c, paths in files.items() if not paths)
+  if empty:
+    raise ConversionError(f"{root!r}: {len(empty)} class folder(s) hold no images "
+                          f"({', '.join(empty[:10])}); extensions read: "
+                          f"{', '.join(IMAGE_EXTENSIONS)}")
+
+
 def plan_splits(root: str, eval_fraction: float, seed: int):
   """(class names, {split: [(path, label)]}) for the folder layout found at ``root``."""
+  if not os.path.exists(root):
+    raise ConversionError(f"--input={root!r} does not exist")
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"--input={root!r} is not a folder")
+    raise ConversionError(f"--input={root!r} is not a folder")
   if os.path.isdir(os.path.join(root, "train")):
     splits = {}
     train = _class_files(os.path.join(root, "train"))
+    _check_classes(os.path.join(root, "train"), train)
     names = sorted(train)
     for split in ("train", "validation"):
       d = os.path.join(root, split)
@@ -61,13 +85,12 @@ def plan_splits(root: str, eval_fraction: float, seed: int):
       files = _class_files(d)
       unknown = sorted(set(files) - set(names))
       if unknown:
-        raise ValueError(f"{d} has classes not in train/: {unknown[:5]}")
+        raise ConversionError(f"{d} has classes not in train/: {unknown[:5]}")
       splits[split] = [(f, names.index(c)) for c in names for f in files.get(c, [])]
     return names, splits
   files = _class_files(root)
+  _check_classes(root, files)
   names = sorted(files)
-  if not names:
-    raise ValueError(f"{root!r} has no class sub-folders")
   rng = np.random.default_rng(seed)
   splits = {"train": [], "validation": []}
   for label, c in enumerate(names):
@@ -79,8 +102,36 @@ def plan_splits(root: str, eval_fraction: float, seed: int):
   return names, splits
 
 
+def _readable(path: str, data: bytes) -> str | None:
+  """Why ``data`` is not a decodable image, or None."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.verify()
+    return None
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+    return f"{type(e).__name__}: {e}"
+
+
 def write_split(records, output: str, split: str, records_per_shard: int, root: str):
+  """Writes the records of one split; images that cannot be decoded are skipped, each named."""
   from array_record.python.array_record_module import ArrayRecordWriter
+  readable = []
+  skipped = []
+  for path, label in records:
+    with open(path, "rb") as f:
+      why = _readable(path, f.read())
+    if why:
+      rel = os.path.relpath(path, root)
+      logging.warning("skipping %s: cannot decode it (%s)", rel, why)
+      skipped.append({"path": rel, "reason": why})
+    else:
+      readable.append((path, label))
+  records = readable
+  if not records:
+    raise ConversionError(f"split {split!r}: none of its {len(skipped)} images can be decoded "
+                          f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']})")
   n = len(records)
   num_shards = max(1, -(-n // records_per_shard))
   shards = []
@@ -98,7 +149,7 @@ def write_split(records, output: str, split: str, records_per_shard: int, root: 
         bar.update(1)
       writer.close()
       shards.append(name)
-  return {"num_examples": n, "shards": shards}
+  return {"num_examples": n, "shards": shards, "skipped": skipped}
 
 
 def convert(root: str, output: str, eval_fraction: float = 0.1, records_per_shard: int = 10000,
@@ -119,8 +170,16 @@ def main(argv):
   del argv
   if not flags.FLAGS.input or not flags.FLAGS.output:
     raise app.UsageError("--input and --output are required")
-  meta = convert(flags.FLAGS.input, flags.FLAGS.output, flags.FLAGS.eval_fraction,
-                 flags.FLAGS.records_per_shard, flags.FLAGS.seed)
+  try:
+    meta = convert(flags.FLAGS.input, flags.FLAGS.output, flags.FLAGS.eval_fraction,
+                   flags.FLAGS.records_per_shard, flags.FLAGS.seed)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  for split, info in meta["splits"].items():
+    if info["skipped"]:
+      print(f"{split}: skipped {len(info['skipped'])} undecodable image(s), e.g. "
+            f"{info['skipped'][0]['path']} (all listed in metadata.json)")
   counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
   print(f"wrote {counts} records of {len(meta['class_names'])} classes to {flags.FLAGS.output}; "
         f"train with --config.data.name=array_record --config.data.data_dir={flags.FLAGS.output} "

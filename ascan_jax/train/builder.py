@@ -128,7 +128,8 @@ def restore(task, config, workdir: str, step: int = -1, *, mesh: Mesh | None = N
   Needs no training data (durations only size a schedule)."""
   from ascan_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   metric, mode = best_settings(task, config)
-  ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric=metric, best_mode=mode)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config, best_metric=metric, best_mode=mode,
+                                     read_only=True)
   try:
     steps = ckpt.all_steps()
     wanted = step if step >= 0 else (max(steps) if steps else None)
@@ -139,7 +140,7 @@ def restore(task, config, workdir: str, step: int = -1, *, mesh: Mesh | None = N
       raise NoCheckpointError(f"no checkpoint for step {wanted} in {ckpt.directory}; "
                               f"available: {steps}")
     setup = build(task, config, num_train_examples, mesh)
-    state, _, _ = ckpt.restore(wanted, setup.abstract_state)
+    state, _ = ckpt.restore(wanted, setup.abstract_state)
   finally:
     ckpt.close()
   return RunContext(setup, state, wanted)

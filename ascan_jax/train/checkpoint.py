@@ -1,10 +1,20 @@
 """Checkpoints with orbax ``CheckpointManager``: atomic, async, keep-last-N plus the best.
 
-Each checkpoint holds three items:
+Each checkpoint holds two items:
 * ``state``: the whole ``TrainState`` (params, optimizer state, EMA, model state, step, rng);
-* ``data``: grain's iterator state for this process (one file per process);
-* ``meta``: JSON with the step, the process count, the data position and the model's parameter
-  shapes, so a checkpoint from another model is refused with a message listing what differs.
+* ``meta``: JSON with the step, the process count, the global batch, the skipped-record count and
+  the model's parameter shapes, so a checkpoint from another model is refused with a message
+  listing what differs.
+The data stream is not saved: the record at every global position is a pure function of the seed
+and the position (``data.order``), so a resumed run rebuilds it from the step, whatever the
+number of processes or workers (restoring a worker pool's state would tie the checkpoint to
+``data.worker_count``).
+
+Damaged checkpoints (a truncated array file, a missing ``_METADATA``, a missing item directory,
+anything orbax cannot read) are found on restore: ``restore_latest_intact`` names each damaged
+one and what is wrong with it, moves it aside to ``DIR/checkpoints_damaged/`` (never deleting
+it) and resumes from the newest intact one. Read-only modes (``--mode=eval``/``sample``) name a
+damaged checkpoint and stop (``CheckpointDamagedError``), and never create directories.
 Frozen weights (a text encoder, a VAE) are never written: they come from their own source.
 The best checkpoint is kept by ``checkpoint.best_metric`` in the direction ``best_mode`` (max for
 accuracy, min for a loss or an FID).
@@ -18,16 +28,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from ascan_jax import fileio
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that does not fit the current model."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint that cannot be read; the message names it and what is wrong."""
+
+
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  line = text[0] if text else ""
+  return f"{type(e).__name__}: {line[:300]}"
 
 
 def param_shapes(params) -> dict[str, list[int]]:
@@ -55,9 +79,11 @@ def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> str:
 class Checkpointer:
   """Saves and restores train state, data-iterator state and metadata under ``DIR/checkpoints``."""
 
-  def __init__(self, workdir: str, config, *, best_metric: str, best_mode: str = "max"):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints") \
-        if "://" not in workdir else workdir.rstrip("/") + "/checkpoints"
+  def __init__(self, workdir: str, config, *, best_metric: str, best_mode: str = "max",
+               read_only: bool = False):
+    self.workdir = os.path.abspath(workdir) if "://" not in workdir else workdir.rstrip("/")
+    self.directory = fileio.join(self.workdir, "checkpoints")
+    self.read_only = read_only
     c = config.checkpoint
     self.best_metric = best_metric
     policies = [checkpoint_managers.LatestN(n=c.keep)]
@@ -69,24 +95,28 @@ class Checkpointer:
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
+    self._options = dict(
         enable_async_checkpointing=c.async_save,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        cleanup_tmp_directories=True, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+    self.manager = self._open()
+
+  def _open(self):
+    if self.read_only and not fileio.exists(self.directory):
+      return None
+    return ocp.CheckpointManager(self.directory,
+                                 options=ocp.CheckpointManagerOptions(**self._options),
+                                 item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    return None if self.manager is None else self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return [] if self.manager is None else sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iterator, meta: dict, metrics: dict | None = None,
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None,
            force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if metrics is not None and self.best_metric not in metrics:
       metrics = None
     saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
@@ -96,15 +126,41 @@ class Checkpointer:
     return saved
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+
+  def step_directory(self, step: int) -> str:
+    return fileio.join(self.directory, str(step))
+
+  def inspect(self, step: int) -> str | None:
+    """What is structurally wrong with checkpoint ``step`` (a missing item directory or
+    metadata file), or None. Damage inside array files shows only when they are read."""
+    base = self.step_directory(step)
+    for item in ("state", "meta"):
+      if not fileio.exists(fileio.join(base, item)):
+        return f"its {item!r} item directory is missing"
+    if not fileio.exists(fileio.join(base, "_CHECKPOINT_METADATA")):
+      return "its _CHECKPOINT_METADATA file is missing"
+    if not fileio.exists(fileio.join(base, "state", "_METADATA")):
+      return "state/_METADATA is missing"
+    return None
 
   def read_meta(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
 
-  def restore(self, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict, bool]:
-    """(state, meta, whether the data iterator was restored) of checkpoint ``step``."""
-    meta = self.read_meta(step)
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """``(state, meta)`` of checkpoint ``step``; ``CheckpointDamagedError`` names a checkpoint
+    that cannot be read, ``CheckpointMismatchError`` one of another model."""
+    problem = self.inspect(step)
+    if problem:
+      raise CheckpointDamagedError(f"checkpoint {self.step_directory(step)} is damaged: "
+                                   f"{problem}")
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # orbax raises many kinds for unreadable files.
+      raise CheckpointDamagedError(f"checkpoint {self.step_directory(step)} is damaged: its "
+                                   f"metadata cannot be read ({_first_line(e)})") from None
     current = param_shapes(abstract_state.params)
     saved = meta.get("param_shapes")
     if saved is not None and saved != current:
@@ -112,14 +168,49 @@ class Checkpointer:
           f"the checkpoint at {self.directory}/{step} was written by a different model: "
           f"{describe_mismatch(saved, current)}. Use another --workdir, or the config that "
           f"wrote it.")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    same_topology = meta.get("process_count") == jax.process_count()
-    restore_data = data_iterator is not None and same_topology and meta.get("has_data", False)
-    if restore_data:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], meta, restore_data
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # a truncated or corrupt array file, a broken tree, ...
+      raise CheckpointDamagedError(f"checkpoint {self.step_directory(step)} is damaged: reading "
+                                   f"it failed ({_first_line(e)})") from None
+    return restored["state"], meta
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` to ``DIR/checkpoints_damaged/<step>[-k]`` (process 0; every
+    process waits for it) and reopens the manager; returns the new path."""
+    target = fileio.join(self.workdir, DAMAGED_DIR, str(step))
+    k = 1
+    while fileio.exists(target):
+      target = fileio.join(self.workdir, DAMAGED_DIR, f"{step}-{k}")
+      k += 1
+    if jax.process_index() == 0:
+      fileio.makedirs(fileio.join(self.workdir, DAMAGED_DIR))
+      fileio.rename(self.step_directory(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self.manager.close()
+    self.manager = self._open()
+    return target
+
+  def restore_latest_intact(self, abstract_state):
+    """``(state, meta, step, damaged)`` of the newest checkpoint that can be read, or
+    ``(None, None, None, damaged)`` when none can; ``damaged`` lists ``(step, what is wrong,
+    where it was moved)`` for every checkpoint set aside on the way."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return state, meta, step, damaged
+      except CheckpointDamagedError as e:
+        message = str(e)
+        path = self.set_aside(step)
+        logging.warning("%s; moved to %s", message, path)
+        damaged.append((step, message, path))
+    return None, None, None, damaged
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
