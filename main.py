@@ -132,7 +132,7 @@ def main(argv):
     _run(config, task)
   except train_mode.Interrupted as e:
     sys.exit(e.exit_code)
-  except (sources.DatasetNotFoundError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError,
+  except (sources.DatasetError, config_validation.ConfigError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError,
           builder.NoCheckpointError, init_from.InitFromError, tasks.TaskError) as e:
     _fail(str(e))
 

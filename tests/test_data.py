@@ -178,10 +178,92 @@ def test_missing_datasets_say_how_to_prepare(tmp_path):
     sources.get_source(c.data, "train")
 
 
+def _one_line(error) -> str:
+  message = str(error.value)
+  assert "\n" not in message and len(message) < 400, message
+  assert isinstance(error.value, sources.DatasetError)
+  return message
+
+
 def test_num_classes_mismatch_is_reported():
   c = _config(num_classes=1000)
-  with pytest.raises(ValueError, match="num_classes=1000 .* has 10 classes"):
+  with pytest.raises(sources.DatasetMismatchError, match="num_classes=1000 .* has 10 classes") \
+      as error:
     sources.get_source(c.data, "train")
+  assert "--config.data.num_classes=10" in _one_line(error)
+
+
+def test_empty_source_and_missing_split_are_one_line(tmp_path):
+  out = tmp_path / "ar"
+  os.makedirs(out)
+  (out / "metadata.json").write_text(json.dumps({
+      "class_names": ["a", "b"], "splits": {"train": {"num_examples": 0, "shards": []}}}))
+  c = _config(name="array_record", data_dir=str(out), num_classes=2)
+  with pytest.raises(sources.EmptyDatasetError, match="has no records") as error:
+    sources.get_source(c.data, "train")
+  _one_line(error)
+  with pytest.raises(sources.DatasetNotFoundError, match=r"has splits \['train'\], not 'val'") \
+      as error:
+    sources.get_source(c.data, "val")
+  _one_line(error)
+  with pytest.raises(sources.DatasetNotFoundError, match="not 'valid'") as error:
+    sources.get_source(_config().data, "valid")
+  _one_line(error)
+
+
+@pytest.mark.parametrize("data_dir", ["", "tfds"])
+def test_misspelt_dataset_name_suggests_first_and_logs_the_list(tmp_path, data_dir, caplog):
+  c = _config(name="imagenet2021", data_dir=str(tmp_path / data_dir) if data_dir else "")
+  with caplog.at_level("INFO"):
+    with pytest.raises(sources.UnknownDatasetError) as error:
+      sources.get_source(c.data, "train")
+  message = _one_line(error)
+  assert message.index("did you mean 'imagenet2012'") < 80, message
+  assert "cifar10" not in message and "tfds build" not in message  # no list, no recipe.
+  assert "cifar10" in caplog.text  # the whole list went to the log.
+  c = _config(name="embeded_mnist")
+  with pytest.raises(sources.UnknownDatasetError, match="did you mean 'embedded_mnist'"):
+    sources.get_source(c.data, "train")
+
+
+def test_randaugment_magnitude_is_clamped_as_timm_clamps_it():
+  image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+  for seed in range(40):  # enough draws to hit the magnitude-dependent ops.
+    ten = transforms.rand_augment(image, np.random.default_rng(seed), 2, 10)
+    fifteen = transforms.rand_augment(image, np.random.default_rng(seed), 2, 15)
+    np.testing.assert_array_equal(ten, fifteen)
+  unclamped = [np.array_equal(
+      transforms.rand_augment(image, np.random.default_rng(s), 2, 10, None),
+      transforms.rand_augment(image, np.random.default_rng(s), 2, 15, None)) for s in range(40)]
+  assert not all(unclamped)
+  aug = ascan_t.get_config().augment
+  assert transforms.randaugment_magnitude_max(aug) == 10.0
+  aug.randaugment_magnitude_max = 0.0
+  assert transforms.randaugment_magnitude_max(aug) is None
+
+
+def test_color_jitter_is_dropped_with_randaugment_as_in_timm():
+  aug = ascan_t.get_config().augment  # RandAugment (2, 15) and colour jitter 0.4.
+  kinds = lambda a: [type(op).__name__ for op in pipeline.image_train_ops(32, a)]
+  assert "RandAugment" in kinds(aug) and "ColorJitter" not in kinds(aug)
+  aug.color_jitter_with_randaugment = True
+  assert kinds(aug)[-2:] == ["RandAugment", "ColorJitter"]
+  aug.color_jitter_with_randaugment = False
+  aug.randaugment_layers = 0
+  assert kinds(aug)[-1] == "ColorJitter"
+
+
+def test_eval_resize_of_small_squares_is_a_config_choice():
+  c = _config()
+  digit = sources.EmbeddedSource("embedded_mnist", "validation", 0.2).load(0)
+  c.data.eval_resize_small_squares = False
+  cropped = pipeline.ImageCodec.from_config(c).eval(digit)["image"]
+  c.data.eval_resize_small_squares = True
+  resized = pipeline.ImageCodec.from_config(c).eval(digit)["image"]
+  np.testing.assert_array_equal(resized, transforms.resize(digit["image"], 32))
+  np.testing.assert_array_equal(cropped, transforms.eval_crop(digit["image"], 32, 0.875))
+  assert not np.array_equal(cropped, resized)
+  assert ascan_t.get_config().data.get("eval_resize_small_squares", False) is False  # ImageNet.
 
 
 def test_transforms_shapes_and_determinism():
@@ -227,3 +309,6 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
   assert len(src) == 6
   ex = src.load(2)
   assert ex["image"].shape == (12, 16, 3) and ex["label"] in (0, 1, 2)
+  encoded = src.load_encoded(2)  # the same record, image still encoded (for reduced decoding).
+  assert isinstance(encoded["image"], sources.EncodedImage) and encoded["label"] == ex["label"]
+  np.testing.assert_array_equal(encoded["image"].decode(), ex["image"])

@@ -130,6 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.evals.val = config_defaults.dataset_evaluator()  # eval/top1, eval/top5, eval/loss, ...
   c.checkpoint.best_metric = "eval/top1"
+  pipeline.add_config_keys(c)  # loading (workers, threads, batching) and augmentation keys.
   return c
 
 
@@ -168,6 +169,8 @@ class Task(base.Task):
     cv.require(d.worker_count >= 0, "data.worker_count", "must be >= 0")
     cv.require(0.0 < d.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
     cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
+    cv.check_choice(config, "data.batching", pipeline.BATCHING)
+    cv.require(d.worker_threads >= 1, "data.worker_threads", "must be >= 1")
 
   @classmethod
   def upgrade_config(cls, saved):

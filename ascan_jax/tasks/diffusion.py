@@ -160,6 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.val.every_steps = 10000
   c.evals.samples = diffusion_sampling.samples_evaluator_schema()  # off until num_samples > 0.
   c.evals.grid = diffusion_sampling.grid_evaluator_schema()
+  pipeline.add_config_keys(c)  # loading (workers, threads, batching) keys.
 
   c.optim.schedule = "constant"  # the paper gives no decay.
   c.optim.peak_lr = 6e-4
@@ -214,6 +215,8 @@ def check_config(config) -> None:
   cv.require(data.num_classes >= 2, "data.num_classes", "must be at least 2")
   cv.require(0.0 < data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in (0, 1)")
   cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
+  cv.check_choice(config, "data.batching", pipeline.BATCHING)
+  cv.require(data.worker_threads >= 1, "data.worker_threads", "must be >= 1")
   for name in config.evals.keys():
     e = config.evals[name]
     if e.type != "diffusion_samples":
@@ -356,8 +359,9 @@ class Task(base.Task):
     aug = ml_collections.ConfigDict(dict(
         random_resized_crop=False, crop_min_scale=1.0, flip=self.config.data.flip,
         randaugment_layers=0, randaugment_magnitude=0, color_jitter=0.0))
-    return pipeline.ImageCodec(self.config.data.image_size, aug,
-                               self.config.data.eval_crop_fraction)
+    return pipeline.ImageCodec(
+        self.config.data.image_size, aug, self.config.data.eval_crop_fraction,
+        resize_small_squares=pipeline.eval_resize_small_squares(self.config.data))
 
   def num_train_examples(self) -> int:
     return len(self.source(self.config.data.train_split))
