@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from ascan_jax.parallel import sharding as sharding_lib
@@ -21,7 +22,8 @@ def device_fields(batch: dict, host_fields: Iterable[str] = ()) -> list[str]:
   """The fields of ``batch`` that go to the devices."""
   skip = set(HOST_ONLY) | set(host_fields)
   return [k for k, v in batch.items()
-          if k not in skip and np.asarray(v).dtype.kind in "biuf"]
+          if k not in skip and (np.asarray(v).dtype.kind in "biuf"
+                                or np.asarray(v).dtype == ml_dtypes.bfloat16)]
 
 
 def to_global(batch: dict, mesh, rules, global_batch: int,

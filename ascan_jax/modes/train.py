@@ -193,6 +193,7 @@ def train(task, config, workdir: str):
   progress = metrics_lib.Progress(start, total, 6.0 * macs if macs else None, peak)
   watcher = preemption.PreemptionWatcher()
   skipped = 0  # this process's skipped records since the start (global sum: skipped_before +).
+  batch_shapes: set = set()  # the step compiles once per distinct batch shape (buckets).
   in_flight = None  # metrics of the previous step: at most one step runs ahead of the host.
   logging.info("training steps %d..%d, global batch %d over %d devices", start, total,
                global_batch, jax.device_count())
@@ -206,6 +207,11 @@ def train(task, config, workdir: str):
       skipped += int(local_batch - np.sum(batch["mask"]))
       device_batch = global_batch_lib.to_global(batch, setup.mesh, setup.rules, global_batch,
                                                 setup.host_fields)
+      shapes = tuple(sorted((k, v.shape) for k, v in device_batch.items()))
+      if shapes not in batch_shapes:
+        batch_shapes.add(shapes)
+        logging.info("step %d: new batch shapes %s: compilation %d of the train step", step,
+                     dict(shapes), len(batch_shapes))
       if config.log.transfer_guard:
         with jax.transfer_guard("disallow"):
           state, metrics = setup.train_step(state, setup.frozen, device_batch)
@@ -223,6 +229,7 @@ def train(task, config, workdir: str):
       if done % config.log.every_steps == 0 or done == total:
         scalars = _scalars(metrics)
         scalars["data/skipped_records"] = skipped_before + _global_sum(skipped)
+        scalars["perf/step_compilations"] = len(batch_shapes)
         scalars["epoch"] = done / setup.durations.steps_per_epoch
         perf = progress.line(done, scalars, global_batch, jax.device_count())
         scalars.update(perf)
