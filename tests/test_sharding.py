@@ -77,9 +77,8 @@ def test_restore_onto_a_different_number_of_devices(tmp_path):
   _, state8, setup8 = _run((8, 1, 1), jax.devices(), steps=2)
   c = _config((8, 1, 1))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), c, best_metric="eval/top1")
-  meta = {"param_shapes": checkpoint_lib.param_shapes(state8.params), "process_count": 1,
-          "has_data": False}
-  ckpt.save(2, state8, None, meta, force=True)
+  meta = {"param_shapes": checkpoint_lib.param_shapes(state8.params), "process_count": 1}
+  ckpt.save(2, state8, meta, force=True)
   ckpt.wait()
   saved = jax.tree.map(np.asarray, jax.device_get(state8.params))
   task = tasks.get_task(c)
@@ -88,7 +87,7 @@ def test_restore_onto_a_different_number_of_devices(tmp_path):
   for devices, shape in ((jax.devices()[:2], (2, 1, 1)), (jax.devices()[:1], (1, 1, 1))):
     c2 = _config(shape)
     setup = builder.build(task, c2, 4000, mesh=mesh_lib.make_mesh(c2, devices=devices))
-    restored, _, _ = ckpt.restore(2, setup.abstract_state)
+    restored, _ = ckpt.restore(2, setup.abstract_state)
     assert int(restored.step) == 2
     for leaf in jax.tree.leaves(restored.params):
       assert leaf.sharding.device_set == set(devices)
@@ -102,8 +101,8 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
   _, state, _ = _run((1, 1, 1), jax.devices()[:1], steps=1)
   c = _config((1, 1, 1))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), c, best_metric="eval/top1")
-  ckpt.save(1, state, None, {"param_shapes": checkpoint_lib.param_shapes(state.params),
-                             "process_count": 1, "has_data": False}, force=True)
+  ckpt.save(1, state, {"param_shapes": checkpoint_lib.param_shapes(state.params),
+                             "process_count": 1}, force=True)
   ckpt.wait()
   other = _config((1, 1, 1))
   other.model.widths = (16, 32, 64, 96)
