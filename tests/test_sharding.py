@@ -1,7 +1,9 @@
 """Data parallel, FSDP and tensor parallel are config changes that give 1-device losses.
 
 Runs on the 8 fake CPU devices of conftest.py. Mixup/cutmix and stochastic depth are on, so the
-randomness must also be independent of the layout.
+randomness must also be independent of the layout. ``_config`` is also the model whose collectives
+``tests/test_collectives.py`` budgets (the same compiled steps, shared through the compilation
+cache).
 """
 import jax
 import numpy as np
@@ -26,6 +28,7 @@ def _config(shape):
   c.model.drop_path_rate = 0.2
   c.augment.mixup_alpha = 0.8
   c.augment.cutmix_alpha = 1.0
+  c.augment.mix_group_size = 2  # divides the 2 examples per device of the 8-way layouts.
   c.batch_size = 16
   c.total_steps = 10
   c.mesh.shape = shape

@@ -13,6 +13,12 @@ the data's size): stride-2 SAME convolutions give ``ceil(size / 2)`` per halving
 model with another ``table_image_size`` resizes them once on load (``train.init_from``).
 ``features_only=True`` builds the backbone without the head and classifier (dense heads such as
 UperNet): the call returns the four stage outputs.
+
+``gelu`` (``exact`` | ``tanh``) and ``batch_norm`` (``global`` | ``per_device``) reach every GELU
+and BatchNorm of the model (stem, blocks, head); what they mean and why is in
+``ascan_jax.models.blocks``. The module defaults (``tanh``, ``global``) are what the model computed
+before they existed, so a caller that does not set them, and its checkpoints, keep their numerics;
+the tasks choose for new runs (``config.model.gelu`` / ``config.model.batch_norm``).
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ class AsCAN(nn.Module):
   attention_impl: str = "auto"
   remat_policy: str = "none"
   dtype: Any = jnp.float32
+  gelu: str = "tanh"
+  batch_norm: str = "global"
 
   def stages(self) -> tuple[str, ...]:
     return layout_lib.parse_layout(self.layout, num_stages=len(self.widths))
@@ -67,11 +75,14 @@ class AsCAN(nn.Module):
     ``return_embedding`` also the pooled pre-logits embedding (for feature-space metrics).
     With ``features_only`` (a module setting) just the list of stage outputs."""
     stages = self.stages()
+    act = lambda y: blocks.gelu(y, self.gelu)
+    norm = lambda name: blocks.batch_norm(train, self.bn_momentum, self.dtype, name,
+                                          stats=self.batch_norm)
     x = images.astype(self.dtype)
     x = blocks.conv(self.stem_width, 3, 2, dtype=self.dtype, name="stem_conv1")(x)
-    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "stem_bn1")(x))
+    x = act(norm("stem_bn1")(x))
     x = blocks.conv(self.stem_width, 3, 1, dtype=self.dtype, name="stem_conv2")(x)
-    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "stem_bn2")(x))
+    x = act(norm("stem_bn2")(x))
     x = blocks.constrain(x)
 
     conv_block = remat_lib.maybe_remat(blocks.ConvBlock, self.remat_policy)
@@ -88,24 +99,26 @@ class AsCAN(nn.Module):
         if kind == "C":
           x = conv_block(width, stride=2 if i == 0 else 1, expand_ratio=self.expand_ratio,
                          se_ratio=self.se_ratio, drop_path=rate, bn_momentum=self.bn_momentum,
-                         dtype=self.dtype, name=name)(x, train)
+                         dtype=self.dtype, gelu=self.gelu, batch_norm=self.batch_norm,
+                         name=name)(x, train)
         else:
           if i == 0:
             x = blocks.Downsample(width, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                                  batch_norm=self.batch_norm,
                                   name=f"stage{s + 1}_downsample")(x, train)
           if width % self.head_dim:
             raise ValueError(f"stage {s + 1} width {width} is not a multiple of head_dim "
                              f"{self.head_dim}")
           x = attn_block(width // self.head_dim, self.head_dim, (grid, grid), self.mlp_ratio,
                          drop_path=rate, attention_impl=self.attention_impl, dtype=self.dtype,
-                         name=name)(x, train)
+                         gelu=self.gelu, name=name)(x, train)
         block_id += 1
       features.append(x)
     if self.features_only:
       return features
 
     x = blocks.conv(self.embed_dim, 1, dtype=self.dtype, name="head_conv")(x)
-    x = nn.gelu(blocks.batch_norm(train, self.bn_momentum, self.dtype, "head_bn")(x))
+    x = act(norm("head_bn")(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     embedding = x
     x = nn.Dropout(self.head_dropout, deterministic=not train)(x)

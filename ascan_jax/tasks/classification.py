@@ -2,12 +2,39 @@
 
 Batches arrive as ``{'image': uint8[B,H,W,3], 'label': int32[B], 'mask': float32[B]}``; ``mask``
 is 0 for padding (the last evaluation batch) and for records that could not be decoded, so those
-examples count nowhere. Normalisation and mixup/cutmix run on the device. Mixup and cutmix pair
-each example with its mirror in the *global* batch (``flip``), so the result does not depend on
-how the batch is split over devices or processes.
+examples count nowhere in the loss and the metrics. Mixup/cutmix and normalisation run on the
+device.
+
+Mixup and cutmix work in groups of ``augment.mix_group_size`` consecutive examples of the global
+(micro-)batch: an example's partner is its mirror inside its group, and lambda, the choice of
+mixup or cutmix and the cutmix box are drawn once per group (keyed by the group's index). A group
+thus plays the part of one GPU's batch in timm's DDP training, where every process mixes its own
+batch with its own draws. When the group size divides the per-device batch no image crosses
+devices, and the mixed batch is the same on 1 device or 256. The partner is gathered in the
+input dtype (uint8) and the mix is done on pixel values before normalising, which is the same
+arithmetic as mixing normalised images (normalisation is affine per channel).
+
+BatchNorm statistics: ``model.batch_norm`` (see ``ascan_jax.models.blocks``). The default is
+``global``: under ``jit`` BatchNorm's statistics cover the whole global batch (SyncBN, as mmseg's
+UperNet configs use), so a run gives the same numbers on any number of devices and processes
+(and resumes on another count with the same losses); its cost is two small all-reduces per
+BatchNorm layer forward and two in backward (``results/collectives``). The paper's timm recipe on
+PyTorch DDP normalised per GPU unless ``--sync-bn`` was given: that is ``per_device``, whose
+statistics then depend on the per-device batch (``batch_size / data-parallel devices /
+microbatches``). Placeholder records (zero images with mask 0) still enter the training batch
+statistics: they are rare (each one is logged and counted in ``data/skipped_records``), masking
+them would thread the mask through every block of every model that uses these blocks, and with
+``k`` placeholders in a batch of ``B`` the statistics move by about ``k / B`` of a channel's
+mean; evaluation uses the running averages and is not affected by its padding.
+
+GELU: ``model.gelu`` is ``exact`` (erf), PyTorch's and timm's ``nn.GELU`` default, which the
+paper's timm-based models use; runs saved before the key existed computed the tanh approximation
+and get ``tanh`` back when their config is read (``upgrade_config``), so their checkpoints
+evaluate and resume as they were trained.
 """
 from __future__ import annotations
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +47,7 @@ from ascan_jax import config_validation as cv
 from ascan_jax.data import pipeline
 from ascan_jax.data import sources
 from ascan_jax.models import ascan
+from ascan_jax.models import blocks
 from ascan_jax.models import layout as layout_lib
 from ascan_jax.tasks import base
 
@@ -47,33 +75,59 @@ def _cutmix_box(key, size: int, lam):
   return box, 1.0 - area / (size * size)
 
 
-def mix_batch(key, images, targets, mask, aug):
-  """Mixup or cutmix (one drawn per batch, as timm does) with the mirrored batch."""
+def _group_draws(key, size: int, aug):
+  """One group's draws: (lam for targets and mixup, cutmix?, cutmix box [size, size])."""
   use_mixup = aug.mixup_alpha > 0
   use_cutmix = aug.cutmix_alpha > 0
-  if not (use_mixup or use_cutmix) or aug.mix_prob <= 0:
-    return images, targets
   k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(key, 5)
-  partner_ok = jnp.flip(mask) > 0
-  flip_images, flip_targets = jnp.flip(images, 0), jnp.flip(targets, 0)
   lam_mix = jax.random.beta(k_mix, max(aug.mixup_alpha, 1e-3), max(aug.mixup_alpha, 1e-3))
   lam_cut = jax.random.beta(k_cut, max(aug.cutmix_alpha, 1e-3), max(aug.cutmix_alpha, 1e-3))
   if use_mixup and use_cutmix:
     do_cut = jax.random.uniform(k_switch) < aug.cutmix_switch_prob
   else:
     do_cut = jnp.asarray(use_cutmix)
-  box, lam_box = _cutmix_box(k_box, images.shape[1], lam_cut)
+  box, lam_box = _cutmix_box(k_box, size, lam_cut)
   apply = jax.random.uniform(k_apply) < aug.mix_prob
-  lam = jnp.where(do_cut, lam_box, lam_mix)
-  lam = jnp.where(apply, lam, 1.0)
-  per_example = jnp.where(partner_ok, lam, 1.0)  # never mix with padding or a broken record.
-  lam_img = per_example[:, None, None, None]
-  mixed = lam_img * images + (1.0 - lam_img) * flip_images
-  cut_mask = box[None, :, :, None] & partner_ok[:, None, None, None] & apply
-  cut = jnp.where(cut_mask, flip_images, images)
-  images = jnp.where(do_cut, cut, mixed)
-  w = per_example[:, None]
-  return images, w * targets + (1.0 - w) * flip_targets
+  lam = jnp.where(apply, jnp.where(do_cut, lam_box, lam_mix), 1.0)
+  return lam, do_cut & apply, box
+
+
+def mix_batch(key, images, targets, mask, aug):
+  """Mixup or cutmix within groups of ``aug.mix_group_size`` examples (module docstring).
+
+  ``images``: ``[B, H, W, C]`` pixel values (uint8 or float); returns float32 mixed pixels (not
+  normalised) and the mixed ``targets``. An example whose partner is padding or a broken record
+  (``mask`` 0) is left unmixed."""
+  use_mixup = aug.mixup_alpha > 0
+  use_cutmix = aug.cutmix_alpha > 0
+  if not (use_mixup or use_cutmix) or aug.mix_prob <= 0:
+    return images.astype(jnp.float32), targets
+  size = aug.mix_group_size
+  b = images.shape[0]
+  if size < 1 or b % size:
+    raise ValueError(f"config.augment.mix_group_size={size} does not divide the (micro-)batch "
+                     f"of {b} examples")
+  groups = b // size
+  grouped = lambda x: x.reshape((groups, size) + x.shape[1:])
+  partner = lambda x: jnp.flip(x, 1)  # the mirror inside each group.
+  g_images, g_targets, g_mask = grouped(images), grouped(targets), grouped(mask)
+  # The draws are a few numbers per group: every device computes all of them (replicated), so
+  # the beta sampler's rejection loops never wait on other devices.
+  replicated = lambda x: nn.with_logical_constraint(x, (None,) * x.ndim)
+  keys = replicated(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(groups)))
+  lam, do_cut, box = jax.tree.map(
+      replicated, jax.vmap(lambda k: _group_draws(k, images.shape[1], aug))(keys))
+  partner_ok = partner(g_mask) > 0  # [groups, size]: never mix with padding or a broken record.
+  p_images = partner(g_images)  # gathered in the input dtype.
+  per_example = jnp.where(partner_ok, lam[:, None], 1.0)
+  w = per_example[..., None, None, None]
+  mixed = w * g_images.astype(jnp.float32) + (1.0 - w) * p_images.astype(jnp.float32)
+  cut_mask = box[:, None, :, :, None] & partner_ok[..., None, None, None]
+  cut = jnp.where(cut_mask, p_images, g_images).astype(jnp.float32)
+  out = jnp.where(do_cut[:, None, None, None, None], cut, mixed)
+  t = per_example[..., None]
+  out_targets = t * g_targets + (1.0 - t) * partner(g_targets)
+  return out.reshape(images.shape), out_targets.reshape(targets.shape)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -102,6 +156,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"  # auto | xla | cudnn | pallas
   c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
   c.model.dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+  c.model.gelu = "exact"  # exact (erf: PyTorch/timm nn.GELU) | tanh (runs before this key).
+  # BatchNorm batch statistics: global (over the global batch, SyncBN: device-count independent)
+  # | per_device (each data-parallel shard, PyTorch DDP's default). See the module docstring.
+  c.model.batch_norm = "global"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "imagenet2012"  # imagenet2012 | array_record | embedded_mnist | embedded_digits
@@ -127,6 +185,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.cutmix_alpha = 1.0
   c.augment.mix_prob = 1.0
   c.augment.cutmix_switch_prob = 0.5
+  # Mixup/cutmix partners and draws are per group of this many consecutive examples of the
+  # global (micro-)batch, like one GPU's batch in timm's DDP training; a divisor of the
+  # per-device batch keeps every pair on one device.
+  c.augment.mix_group_size = 16
 
   c.evals.val = config_defaults.dataset_evaluator()  # eval/top1, eval/top5, eval/loss, ...
   c.checkpoint.best_metric = "eval/top1"
@@ -148,6 +210,39 @@ def check_backbone(config) -> None:
                  f"stage {i + 1} has T blocks and width {width}, not a multiple of head_dim "
                  f"{m.head_dim}")
   cv.require(m.table_image_size >= 16, "model.table_image_size", "must be at least 16")
+  if "gelu" in m:
+    cv.check_choice(config, "model.gelu", blocks.GELUS)
+  if "batch_norm" in m:
+    cv.check_choice(config, "model.batch_norm", blocks.BATCH_NORMS)
+
+
+def mixing_enabled(aug) -> bool:
+  return (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and aug.mix_prob > 0
+
+
+def check_mix_groups(config, num_devices: int, mode: str) -> None:
+  """``augment.mix_group_size`` must tile the batches the train step mixes (the micro-batch in
+  training, ``bench.train_batch_size`` in bench); a group size that does not divide the
+  per-device micro-batch works (same result) but moves images between devices: a warning."""
+  a = config.augment
+  g = a.mix_group_size
+  cv.require(g >= 1, "augment.mix_group_size", f"must be >= 1, got {g}")
+  if not mixing_enabled(a):
+    return
+  if mode == "bench":
+    b = config.bench.train_batch_size
+    cv.require(b <= 0 or b % g == 0, "augment.mix_group_size",
+               f"{g} does not divide bench.train_batch_size {b}")
+    return
+  micro = config.batch_size // config.microbatches
+  cv.require(micro % g == 0, "augment.mix_group_size",
+             f"{g} does not divide the micro-batch of {micro} examples (batch_size "
+             f"{config.batch_size} / microbatches {config.microbatches})")
+  per_device = micro // cv.data_parallel_size(config, num_devices)
+  if per_device % g:
+    logging.warning("config.augment.mix_group_size=%d does not divide the per-device micro-batch "
+                    "of %d examples: mixup/cutmix pairs cross devices every step (same result, "
+                    "more traffic); a divisor of %d avoids it", g, per_device, per_device)
 
 
 @base.register
@@ -163,6 +258,7 @@ class Task(base.Task):
   @classmethod
   def validate(cls, config, *, num_devices, num_processes, mode):
     check_backbone(config)
+    check_mix_groups(config, num_devices, mode)
     d = config.data
     cv.require(d.image_size >= 16, "data.image_size", "must be at least 16")
     cv.require(d.num_classes >= 2, "data.num_classes", "must be at least 2")
@@ -175,6 +271,9 @@ class Task(base.Task):
   @classmethod
   def upgrade_config(cls, saved):
     model = saved.get("model", {})
+    if "gelu" not in model:  # runs saved before model.gelu existed used the tanh approximation.
+      model = {**model, "gelu": "tanh"}
+      saved = {**saved, "model": model}
     if "table_image_size" not in model and "image_size" in saved.get("data", {}):
       # Before model.table_image_size existed, the tables were sized for data.image_size.
       saved = {**saved, "model": {**model, "table_image_size": saved["data"]["image_size"]}}
@@ -216,7 +315,8 @@ class Task(base.Task):
                   se_ratio=m.se_ratio, drop_path_rate=m.drop_path_rate,
                   head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
                   table_image_size=m.table_image_size,
-                  attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype)
+                  attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype,
+                  gelu=m.gelu, batch_norm=m.batch_norm)
     kwargs.update(overrides)
     return ascan.AsCAN(**kwargs)
 
@@ -248,9 +348,9 @@ class Task(base.Task):
     cfg = self.config
     k_mix, k_drop = jax.random.split(key)
     mask = batch["mask"]
-    images = normalize(batch["image"])
     targets = jax.nn.one_hot(batch["label"], cfg.data.num_classes)
-    images, targets = mix_batch(k_mix, images, targets, mask, cfg.augment)
+    images, targets = mix_batch(k_mix, batch["image"], targets, mask, cfg.augment)
+    images = normalize(images)
     eps = cfg.label_smoothing
     targets = targets * (1.0 - eps) + eps / cfg.data.num_classes
     logits, new_state = self.model.apply({"params": params, **model_state}, images, train=True,

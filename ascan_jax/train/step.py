@@ -11,7 +11,12 @@ part of the state, so it is never optimised, EMA-averaged, donated or checkpoint
 same numbers.
 
 Micro-batches take every ``microbatches``-th example (not contiguous chunks), so each one is
-spread evenly over the data-parallel devices.
+spread evenly over the data-parallel devices. Every micro-batch's forward pass starts from the
+step's mutable state (BatchNorm running statistics), and the updated states are averaged over the
+micro-batches: a running average ``m * r + (1 - m) * s_i`` then moves once per step, towards the
+micro-batches' mean statistic, with momentum ``m`` whatever the accumulation factor (chaining
+them would apply ``m ** microbatches``). Non-float leaves of the state take the last
+micro-batch's value.
 """
 from __future__ import annotations
 
@@ -31,6 +36,16 @@ def _split_microbatches(batch: dict, n: int) -> dict:
     x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
   return jax.tree.map(split, batch)
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _accumulate_state(total, new):
+  """Micro-batch sum of a mutable-state leaf: floats add up (averaged after the scan), other
+  leaves keep the newest value."""
+  return total + new if _is_float(new) else new
 
 
 def ema_update(ema, new, decay):
@@ -69,17 +84,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
       micro = _split_microbatches(batch, microbatches)
 
       def body(carry, xs):
-        grad_sum, model_state = carry
+        grad_sum, state_sum = carry
         index, mb = xs
         (loss, (model_state, metrics)), grads = grad_fn(
-            state.params, model_state, mb, jax.random.fold_in(key, index))
+            state.params, state.model_state, mb, jax.random.fold_in(key, index))
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (grad_sum, model_state), (loss, metrics)
+        state_sum = jax.tree.map(_accumulate_state, state_sum, model_state)
+        return (grad_sum, state_sum), (loss, metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, model_state), (losses, metrics) = jax.lax.scan(
-          body, (zeros, state.model_state), (jnp.arange(microbatches), micro))
+      state_zeros = jax.tree.map(
+          lambda x: jnp.zeros_like(x) if _is_float(x) else x, state.model_state)
+      (grads, state_sum), (losses, metrics) = jax.lax.scan(
+          body, (zeros, state_zeros), (jnp.arange(microbatches), micro))
       grads = jax.tree.map(lambda g: g / microbatches, grads)
+      model_state = jax.tree.map(
+          lambda x: (x / microbatches).astype(x.dtype) if _is_float(x) else x, state_sum)
       loss = jnp.mean(losses)
       metrics = jax.tree.map(jnp.mean, metrics)
 
