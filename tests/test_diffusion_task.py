@@ -154,3 +154,68 @@ def test_train_with_sample_metrics_then_sample_and_eval_modes(tmp_path):
   evals = helpers.read_jsonl(run / "eval.jsonl")
   assert evals[-1]["step"] == 6
   assert evals[-1]["eval/sample_class_accuracy"] == last["eval/sample_class_accuracy"]
+
+
+def test_chunks_stay_sharded_and_leading_rows_fetch_the_first_samples(tiny):
+  _, task, setup, state = tiny
+  params = jax.tree.map(lambda x: x + 0.01, state.params)
+  labels = np.arange(7) % 10
+  gen = generate.Generator(task, setup.mesh, setup.rules, setup.state_shardings.params, 4)
+  chunks = list(gen.chunks(params, labels, seed=3))
+  assert [(c.start, c.count) for c in chunks] == [(0, 4), (4, 3)]
+  assert all(isinstance(c.images, jax.Array) and c.images.shape == (4, 32, 32, 1)
+             for c in chunks)
+  np.testing.assert_array_equal(np.asarray(chunks[1].labels)[:3], labels[4:])
+  everything = gen(params, labels, seed=3)
+  assert everything.shape == (7, 32, 32, 1)
+  np.testing.assert_array_equal(generate.leading_rows(chunks[1].images, 2), everything[4:6])
+  with pytest.raises(ValueError, match="cannot take 5 leading rows"):
+    generate.leading_rows(chunks[0].images, 5)
+
+
+def test_judge_on_sharded_chunks_matches_the_host_path():
+  """The judge's class accuracy and feature distance of samples split over 8 devices equal the
+  host path's (``predict`` on one device, then numpy), and padding rows never count."""
+  import flax.linen as nn
+  from ascan_jax.eval import generative_metrics as gm
+  from ascan_jax.tasks import judge as judge_lib
+  from configs import ascan_t
+
+  c = ascan_t.get_config("runlocal")
+  c.model.layout, c.model.widths, c.model.stem_width = "C-CT-CT-CT", (16, 32, 64, 64), 16
+  c.model.head_dim, c.model.embed_dim = 16, 64
+  task = tasks.get_task(c)
+  variables = nn.unbox(task.init_variables(jax.random.key(0)))
+  judge = judge_lib.Judge(task, variables, step=0, workdir="random-judge")
+  rng = np.random.default_rng(0)
+  size = judge.image_size
+  images = rng.integers(0, 256, size=(30, size, size, 1), dtype=np.uint8)
+  real = rng.integers(0, 256, size=(40, size, size, 1), dtype=np.uint8)
+  logits, feats = judge.predict(images, batch_size=40)
+  predicted = np.argmax(logits, -1)
+  labels = np.where(np.arange(30) % 2 == 0, predicted, (predicted + 1) % 10)  # half right
+  real_features = judge.predict(real, batch_size=40)[1]
+  want_fd = gm.frechet_distance(*gm.feature_statistics(feats),
+                                *gm.feature_statistics(real_features))
+
+  got = judge.evaluate(images, labels, real_features, batch_size=16)  # chunks of 16 and 14 (+2)
+  assert got["sample_class_accuracy"] == 0.5
+  assert got["fd_classifier"] == pytest.approx(want_fd, rel=1e-4)
+
+  # Padding that the classifier would call correct is masked out.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("batch",)), P("batch"))
+  stats = judge.start()
+  for lo in (0, 16):
+    n = min(16, 30 - lo)
+    chunk = np.concatenate([images[lo:lo + n], images[:16 - n]])
+    chunk_labels = np.concatenate([labels[lo:lo + n], predicted[:16 - n]])
+    judge.add(stats, jax.device_put(chunk, sharding), jax.device_put(chunk_labels, sharding), n)
+  assert (stats.correct, stats.count) == (15, 30)
+  mu, sigma = stats.features.statistics()
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False),
+                             rtol=1e-4, atol=1e-5 * np.abs(sigma).max())
+  with pytest.raises(ValueError, match=r"expects \[N, 32, 32, C\] images"):
+    judge.add(stats, jax.device_put(np.zeros((8, 16, 16, 1), np.uint8), sharding),
+              jax.device_put(np.zeros(8, np.int32), sharding), 8)

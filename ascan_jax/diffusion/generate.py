@@ -7,15 +7,27 @@ keep their training shardings. Sample ``i`` starts from noise drawn with
 dpmpp_2m) a sample is the same whatever batch or device count it is drawn with. Outputs are
 decoded to uint8 images (pixel space: from [-1, 1]; latent space: through the configured VAE).
 
+Samples stay where they were drawn: ``Generator.chunks`` yields one ``SampleChunk`` per jitted
+batch (images and labels as global arrays split over the data-parallel devices of every
+process), which evaluators consume on the devices (``eval.inception_evaluator``,
+``tasks.judge``), so nothing scales with the number of samples on a host. Labels and noise
+indices enter the jit as global arrays built from each process's share
+(``jax.make_array_from_callback``; a numpy array with a sharded ``in_shardings`` is refused
+with more than one process). ``leading_rows`` copies the first rows of a chunk to every process
+(files of the first samples); ``Generator.__call__`` does that for every sample, for grids.
+
 ``protocol()`` is written beside every set of samples and every reported number: sampler,
 steps, spacing, guidance (kind, scales), NFE per sample, seed, checkpoint step, EMA or raw,
 schedule, number of samples, VAE.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import json
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +62,18 @@ def to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleChunk:
+  """One jitted batch of samples, where it was drawn. ``images`` [batch_size, H, W, C] uint8 and
+  ``labels`` [batch_size] int32 are global arrays split over the data-parallel devices; rows
+  ``[0, count)`` are samples ``start .. start + count - 1`` of the requested set, the rest pad
+  the last batch."""
+  images: jax.Array
+  labels: jax.Array
+  start: int
+  count: int
+
+
 class Generator:
   """Sharded, jitted sampling of ``task``'s model; see the module docstring."""
 
@@ -71,7 +95,7 @@ class Generator:
     model = task.model
     decode, self._vae_params = task.decoder()
     if self._vae_params is not None:
-      self._vae_params = jax.device_put(self._vae_params, replicated)
+      self._vae_params = replicate(self._vae_params, mesh)
 
     def draw(params, vae_params, labels, indices, seed):
       noise_key, loop_key = jax.random.split(jax.random.key(seed))
@@ -129,23 +153,49 @@ class Generator:
         "sample_shape": list(self.task.sample_shape()),
     }
 
-  def __call__(self, params, labels: np.ndarray, seed: int, progress: bool = False) -> np.ndarray:
-    """uint8 images [N, H, W, C] for ``labels`` [N]; sample ``i`` uses noise index ``i``."""
+  def chunks(self, params, labels: np.ndarray, seed: int,
+             progress: bool = False) -> Iterator[SampleChunk]:
+    """Samples for ``labels`` [N] (sample ``i`` uses noise index ``i``), one jitted batch at a
+    time, left on the devices that drew them (see ``SampleChunk``). Every process passes the
+    same ``labels`` and gets the same sequence of chunks."""
     labels = np.asarray(labels, np.int32)
+    if labels.ndim != 1:
+      raise ValueError(f"labels must be one class index per sample ([N]), got {labels.shape}")
     n = len(labels)
-    out = []
-    chunks = range(0, n, self.batch_size)
-    for start in tqdm(chunks, desc="sampling", unit="batch", disable=not progress):
-      idx = np.arange(start, start + self.batch_size)
+    starts = range(0, n, self.batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+      idx = np.arange(start, start + self.batch_size, dtype=np.int32)
       lab = labels[start:start + self.batch_size]
-      lab = np.concatenate([lab, np.zeros(self.batch_size - len(lab), np.int32)])
-      images = self._draw(params, self._vae_params, self._global(lab),
-                          self._global(idx.astype(np.int32)), seed)
-      if jax.process_count() > 1:  # every process gets every sample.
-        from jax.experimental import multihost_utils
-        images = multihost_utils.process_allgather(images, tiled=True)
-      out.append(np.asarray(jax.device_get(images))[:min(self.batch_size, n - start)])
+      count = len(lab)
+      lab = np.concatenate([lab, np.zeros(self.batch_size - count, np.int32)])
+      lab = self._global(lab)
+      images = self._draw(params, self._vae_params, lab, self._global(idx), seed)
+      yield SampleChunk(images, lab, start, count)
+
+  def __call__(self, params, labels: np.ndarray, seed: int, progress: bool = False) -> np.ndarray:
+    """uint8 images [N, H, W, C] for ``labels`` [N] on every process (sample ``i`` uses noise
+    index ``i``). Every sample is copied to every host: for grids and other small sets;
+    evaluations consume ``chunks`` where the samples were drawn."""
+    out = [leading_rows(chunk.images, chunk.count)
+           for chunk in self.chunks(params, labels, seed, progress)]
     return np.concatenate(out) if out else np.zeros((0,) + self.task.sample_shape(), np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _leading_rows_fn(n: int, replicated: NamedSharding):
+  return jax.jit(lambda x: x[:n], out_shardings=replicated)
+
+
+def leading_rows(x: jax.Array, n: int) -> np.ndarray:
+  """The first ``n`` rows of a global array split over a mesh, as numpy on every process. Only
+  those rows move: a jitted slice whose output is replicated over ``x``'s mesh, which each
+  process then reads from one of its own devices."""
+  n = int(n)
+  if not 0 <= n <= x.shape[0]:
+    raise ValueError(f"cannot take {n} leading rows of an array of shape {x.shape}")
+  if not isinstance(x.sharding, NamedSharding):
+    return np.asarray(x[:n])
+  return np.asarray(_leading_rows_fn(n, NamedSharding(x.sharding.mesh, P()))(x))
 
 
 def _global_batch_array(values: np.ndarray, sharding) -> jax.Array:
@@ -153,6 +203,14 @@ def _global_batch_array(values: np.ndarray, sharding) -> jax.Array:
   process supplies the shards its devices hold, so this works on any number of hosts (a numpy
   array passed to a jit with a non-trivial sharding does not, with more than one process)."""
   return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def replicate(tree, mesh):
+  """Every array of ``tree`` (host values, the same on every process) replicated over ``mesh``.
+  Each process supplies its own devices' copies, so this works on any number of hosts without
+  the cross-host equality check (an all-gather of the values) ``jax.device_put`` would make."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: _global_batch_array(np.asarray(x), sharding), tree)
 
 
 def _batch_axes(mesh, rules):

@@ -1,6 +1,7 @@
 """Generative-model metrics on Inception features: FID, sFID, Inception Score, precision/recall.
 
-Pure numpy/scipy, computed the way the reference implementations do:
+numpy/scipy on the host (jax for the per-chunk device statistics and the precision/recall
+distance blocks), computed the way the reference implementations do:
 
 * ``feature_statistics`` / ``frechet_distance``: mean and ``np.cov`` (float64) and the Fréchet
   distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))`` with pytorch-fid's safeguards: if
@@ -19,6 +20,16 @@ Pure numpy/scipy, computed the way the reference implementations do:
   ``batch_size`` x ``batch_size`` distances keep memory bounded; they are computed with numpy
   or, with ``backend="jax"``, jitted on the default JAX device (ADM uses float16 distances with
   a float32 fallback; here they are float32, so a handful of borderline points can differ).
+* Streaming, for sample sets that never sit in one place: ``masked_moments`` (jit-able) turns
+  one chunk of features, rows split over the devices, into its float32 mean and *centred*
+  second moment (an all-reduce of ``D x D`` values, never the rows); ``MomentAccumulator``
+  merges the chunks on the host in float64 with Chan et al.'s pairwise update
+  (``M2 = M2_a + M2_b + d d^T n_a n_b / n``). Centring per chunk keeps float32 from cancelling:
+  the error is that of a sum of at most ``chunk`` centred products (relative ~1e-7..1e-6, the
+  test compares with ``np.cov`` of the same features), where raw sums of ``x x^T`` minus
+  ``n mu mu^T`` would lose digits to the mean. ``InceptionScoreAccumulator`` keeps per split
+  the sum of ``sum_y p log p`` and of ``p`` (float64) from chunks of logits, which is all the
+  split formula needs; ``inception_score`` is the accumulator fed once, so both are one code.
 * Reference statistics in ADM's reference-batch ``.npz`` format. ADM's evaluator
   (guided-diffusion ``evaluations/evaluator.py``) reads ``arr_0`` (uint8 NHWC images, streamed
   to compute activations for IS/precision/recall) and, if the key ``mu`` is present, the
@@ -36,6 +47,8 @@ import warnings
 import zipfile
 from typing import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 from scipy import special
@@ -58,6 +71,61 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"need at least 2 feature vectors for a covariance, got {features.shape[0]}")
   features = features.astype(np.float64)
   return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def masked_moments(features: jax.Array, count) -> tuple[jax.Array, jax.Array]:
+  """Mean [D] and centred second moment ``sum_i (x_i - mean)(x_i - mean)^T`` [D, D] of the
+  first ``count`` rows of ``features`` [B, D] (the rest is padding), float32. For use under
+  ``jax.jit``: the rows may be split over devices; only [D] and [D, D] values are reduced."""
+  x = features.astype(jnp.float32)
+  valid = (jnp.arange(x.shape[0]) < count)[:, None]
+  mean = jnp.sum(jnp.where(valid, x, 0.0), axis=0) / jnp.maximum(count, 1).astype(jnp.float32)
+  centred = jnp.where(valid, x - mean, 0.0)
+  return mean, jnp.dot(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
+
+
+class MomentAccumulator:
+  """Mean and covariance of feature rows that arrive in chunks (see the module docstring)."""
+
+  def __init__(self):
+    self.count = 0
+    self.mean: np.ndarray | None = None
+    self.m2: np.ndarray | None = None
+
+  def add(self, count: int, mean, m2) -> None:
+    """Merges a chunk of ``count`` rows given by its mean and centred second moment."""
+    count = int(count)
+    if count <= 0:
+      return
+    mean = np.asarray(mean, np.float64)
+    m2 = np.asarray(m2, np.float64)
+    m2 = 0.5 * (m2 + m2.T)  # exactly symmetric, as np.cov's product is.
+    if self.count == 0:
+      self.count, self.mean, self.m2 = count, mean, m2
+      return
+    if mean.shape != self.mean.shape:
+      raise ValueError(f"a chunk of {mean.shape[0]}-d features, the others are "
+                       f"{self.mean.shape[0]}-d")
+    total = self.count + count
+    delta = mean - self.mean
+    self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.count * count / total)
+    self.mean = self.mean + delta * (count / total)
+    self.count = total
+
+  def add_features(self, features: np.ndarray) -> None:
+    """Merges (N, D) feature rows held on the host (float64)."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2:
+      raise ValueError(f"features must be (N, D), got shape {features.shape}")
+    mean = features.mean(axis=0)
+    centred = features - mean
+    self.add(features.shape[0], mean, centred.T @ centred)
+
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D), float64, as ``feature_statistics``."""
+    if self.count < 2:
+      raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+    return self.mean, self.m2 / (self.count - 1)
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
@@ -105,6 +173,64 @@ def sfid_from_features(spatial_1: np.ndarray, spatial_2: np.ndarray) -> float:
 # --------------------------------------------------------------------------- Inception Score
 
 
+def _split_bounds(n: int, num_splits: int, split_size: int | None) -> list[tuple[int, int]]:
+  if split_size is not None:
+    if split_size < 1:
+      raise ValueError(f"split_size={split_size} must be >= 1")
+    return [(i, min(i + split_size, n)) for i in range(0, n, split_size)]
+  if not 1 <= num_splits <= n:
+    raise ValueError(f"num_splits={num_splits} must be in [1, N={n}]")
+  return [(i * n // num_splits, (i + 1) * n // num_splits) for i in range(num_splits)]
+
+
+class InceptionScoreAccumulator:
+  """The Inception Score of ``total`` rows of logits fed in order, a chunk at a time.
+
+  Per split it keeps ``A = sum_i sum_y p_iy log p_iy`` and ``P = sum_i p_i`` (float64, from
+  ``log_softmax``); the split's ``E[KL(p(y|x) || p(y))]`` is ``A / n - sum_y m_y log m_y`` with
+  ``m = P / n`` (``0 log 0 = 0``), the same quantity as the row-wise formula.
+  """
+
+  def __init__(self, total: int, num_splits: int = 10, split_size: int | None = None):
+    self.total = int(total)
+    self._bounds = _split_bounds(self.total, num_splits, split_size)
+    self._starts = np.asarray([lo for lo, _ in self._bounds])
+    self._plogp = np.zeros(len(self._bounds))
+    self._p = None
+    self.seen = 0
+
+  def add(self, logits: np.ndarray) -> None:
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2:
+      raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
+    n = logits.shape[0]
+    if self.seen + n > self.total:
+      raise ValueError(f"{self.seen + n} rows of logits given, the score was set up for "
+                       f"{self.total}")
+    if self._p is None:
+      self._p = np.zeros((len(self._bounds), logits.shape[1]))
+    log_p = special.log_softmax(logits, axis=1)
+    p = np.exp(log_p)
+    plogp = np.sum(np.where(p > 0, p * log_p, 0.0), axis=1)
+    split = np.searchsorted(self._starts, self.seen + np.arange(n), side="right") - 1
+    for s in np.unique(split):
+      rows = split == s
+      self._plogp[s] += np.sum(plogp[rows])
+      self._p[s] += np.sum(p[rows], axis=0)
+    self.seen += n
+
+  def result(self) -> tuple[float, float]:
+    """(mean, std) over the splits."""
+    if self.seen != self.total:
+      raise ValueError(f"the Inception Score needs {self.total} rows of logits, got {self.seen}")
+    scores = []
+    for s, (lo, hi) in enumerate(self._bounds):
+      m = self._p[s] / (hi - lo)
+      entropy_of_mean = np.sum(np.where(m > 0, m * np.log(np.where(m > 0, m, 1.0)), 0.0))
+      scores.append(np.exp(self._plogp[s] / (hi - lo) - entropy_of_mean))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 def inception_score(logits: np.ndarray, num_splits: int = 10,
                     split_size: int | None = None) -> tuple[float, float]:
   """Inception Score of (N, C) logits: (mean, std) over splits.
@@ -117,24 +243,9 @@ def inception_score(logits: np.ndarray, num_splits: int = 10,
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2:
     raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
-  n = logits.shape[0]
-  if split_size is not None:
-    bounds = [(i, min(i + split_size, n)) for i in range(0, n, split_size)]
-  else:
-    if not 1 <= num_splits <= n:
-      raise ValueError(f"num_splits={num_splits} must be in [1, N={n}]")
-    bounds = [(i * n // num_splits, (i + 1) * n // num_splits) for i in range(num_splits)]
-  log_p = special.log_softmax(logits, axis=1)
-  scores = []
-  for lo, hi in bounds:
-    lp = log_p[lo:hi]
-    p = np.exp(lp)
-    # log p(y) = log mean_x p(y|x); -inf only for classes no row predicts (where p = 0).
-    log_marginal = special.logsumexp(lp, axis=0, keepdims=True) - np.log(hi - lo)
-    log_marginal = np.where(np.isfinite(log_marginal), log_marginal, 0.0)
-    kl_terms = np.where(p > 0, p * (lp - log_marginal), 0.0)
-    scores.append(np.exp(np.mean(np.sum(kl_terms, axis=1))))
-  return float(np.mean(scores)), float(np.std(scores))
+  accumulator = InceptionScoreAccumulator(logits.shape[0], num_splits, split_size)
+  accumulator.add(logits)
+  return accumulator.result()
 
 
 # ------------------------------------------------------------------------ precision / recall
@@ -147,10 +258,10 @@ def _squared_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
   return np.maximum(nu - 2.0 * (u @ v.T) + nv, 0.0, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=1)
 def _jax_kernels():
-  """jit-compiled distance blocks for ``backend="jax"`` (accelerators; float32, HIGHEST)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  """jit-compiled distance blocks for ``backend="jax"`` (accelerators; float32, HIGHEST), made
+  once per process so repeated evaluations reuse their compilations."""
 
   def d2(u, v):
     nu = jnp.sum(jnp.square(u), axis=1)[:, None]

@@ -3,7 +3,9 @@
 * ``SampleMetricsEvaluator`` (``config.evals.<name>.type = "diffusion_samples"``): draws
   ``num_samples`` class-balanced samples (EMA by default) and reports the judge's class accuracy
   and classifier-feature distance and/or FID, sFID, IS, precision and recall, writing the
-  protocol beside the numbers in ``DIR/samples``.
+  protocol beside the numbers in ``DIR/samples``. The samples are judged chunk by chunk where
+  they were drawn (``Generator.chunks``; the judge and Inception run on the sharded arrays);
+  only the first ``KEPT_SAMPLES`` are copied to the hosts, for the ``.png``/``.npz``.
 * ``GridEvaluator`` (``type = "sample_grid"``): a sample grid every ``every_steps``.
 * ``sample_mode``: ``--mode=sample`` (a grid, an ``.npz`` and the protocol).
 * ``bench_sampling``: whole samples per second for ``--mode=bench``.
@@ -21,6 +23,9 @@ from absl import logging
 from ascan_jax import fileio
 from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import samplers
+from ascan_jax.eval import generative_metrics
+
+KEPT_SAMPLES = 100  # samples of a sample-based evaluation written to DIR/samples (.png, .npz).
 
 
 def samples_evaluator_schema() -> ml_collections.ConfigDict:
@@ -84,7 +89,7 @@ class SampleMetricsEvaluator:
     self.task, self.generator = task, generator
     self._judge_loader = judge_loader
     self._judge = None
-    self._real_features = None
+    self._real_statistics = None  # (count, (mean, covariance)) of the judge's real features.
     self._inception = None
 
   def _load_judge(self):
@@ -94,7 +99,8 @@ class SampleMetricsEvaluator:
       if self._judge.image_size != size:
         raise ValueError(f"the judge in {self.cfg.judge_dir} takes {self._judge.image_size}px "
                          f"images, the samples are {size}px")
-      self._real_features = self._judge.real_features(limit=self.cfg.real_samples)
+      real = self._judge.real_features(limit=self.cfg.real_samples)
+      self._real_statistics = (len(real), generative_metrics.feature_statistics(real))
     return self._judge
 
   def _load_inception(self):
@@ -116,25 +122,38 @@ class SampleMetricsEvaluator:
     labels = np.arange(e.num_samples, dtype=np.int32) % num_classes
     seed = s.seed + 1  # not the grid's seed.
     gen = self.generator
-    images = gen(_params(inputs.variants, s.ema), labels, seed)
+    judge = self._load_judge() if use_judge else None
+    inception = self._load_inception() if use_inception else None
+    judged = judge.start() if judge else None
+    measured = inception.start(len(labels)) if inception else None
+    first = []  # the first KEPT_SAMPLES samples, for the files; the rest never leave the devices.
+    kept = 0
+    for chunk in gen.chunks(_params(inputs.variants, s.ema), labels, seed):
+      if judge:
+        judge.add(judged, chunk.images, chunk.labels, chunk.count)
+      if inception:
+        inception.add(measured, chunk.images, chunk.count)
+      if kept < KEPT_SAMPLES:
+        first.append(generate.leading_rows(chunk.images, min(chunk.count, KEPT_SAMPLES - kept)))
+        kept += len(first[-1])
     protocol = gen.protocol(step=inputs.step, ema=s.ema, num_samples=len(labels), seed=seed)
     metrics = {}
-    if use_judge:
-      judge = self._load_judge()
-      metrics.update({f"{e.prefix}{k}": v for k, v in
-                      judge.evaluate(images, labels, self._real_features).items()})
+    if judge:
+      real_count, real_statistics = self._real_statistics
+      judge_metrics = judge.finish(judged, real_statistics)
+      metrics.update({f"{e.prefix}{k}": v for k, v in judge_metrics.items()})
       protocol.update(judge_dir=judge.workdir, judge_step=judge.step,
-                      judge_real_samples=len(self._real_features))
-    if use_inception:
-      inception = self._load_inception()
-      metrics.update({f"{e.prefix}{k}": v for k, v in inception.evaluate(images).items()})
-      protocol.update(inception.protocol(len(images)))
+                      judge_real_samples=real_count)
+    if inception:
+      metrics.update({f"{e.prefix}{k}": v for k, v in inception.finish(measured).items()})
+      protocol.update(inception.protocol(len(labels)))
     name = f"eval_step{inputs.step:07d}_{gen.tag(seed, s.ema)}"
     if jax.process_index() == 0:
       protocol["metrics"] = metrics
-      order = np.argsort(labels[:100], kind="stable")
+      images = np.concatenate(first)
+      order = np.argsort(labels[:kept], kind="stable")
       generate.write_outputs(fileio.join(inputs.workdir, "samples"), name,
-                             images[:100][order], labels[:100][order], protocol,
+                             images[order], labels[:kept][order], protocol,
                              columns=max(1, min(10, len(order) // max(1, num_classes))))
     metrics[f"{e.prefix}sample_protocol"] = f"samples/{name}.json"
     metrics[f"{e.prefix}sample_nfe"] = gen.nfe()
@@ -179,8 +198,13 @@ def bench_sampling(task, result: dict, make_context) -> dict:
     setup, state = context.setup, context.state
     gen = generate.Generator(task, setup.mesh, setup.rules, setup.state_shardings.params, batch)
     labels = np.arange(batch) % config.data.num_classes
-    gen(state.params, labels, 0)  # compile
+
+    def draw(seed):
+      for chunk in gen.chunks(state.params, labels, seed):
+        chunk.images.block_until_ready()
+
+    draw(0)  # compile
     t0 = time.perf_counter()
-    gen(state.params, labels, 1)
+    draw(1)
     out["samples_per_second_measured"] = batch / (time.perf_counter() - t0)
   return out
