@@ -11,9 +11,14 @@ features, so no ``N x N`` bias is ever built). Implementations:
              NVIDIA GPUs (bf16/fp16 inputs only).
 * ``pallas`` the Pallas TPU flash-attention kernel (``models/pallas_flash.py``): no bias tensor
              when there is no bias, padding masked by segment ids, block sizes chosen per shape.
-* ``auto``   the fastest available: ``cudnn`` on GPU for bf16/fp16, ``pallas`` on TPU for sequences
-             of at least ``PALLAS_MIN_SEQ_LEN`` tokens, ``xla`` otherwise. The thresholds are rules
-             of thumb (maxdiffusion uses the same kind of minimum length), not measured here.
+* ``auto``   the fastest available. First the measurements recorded in the repository
+             (``ascan_jax/perf/attention_choices.json``, read by ``perf.attention_table``; written
+             by ``python -m ascan_jax.tools.accelerator_report`` on an accelerator): the entry for
+             this device kind, dtype, head dim and sequence length, if there is one and its
+             choice is usable here. With no measurement for the device (every device until an
+             accelerator run is copied in) the rules of thumb apply: ``cudnn`` on GPU for
+             bf16/fp16, ``pallas`` on TPU for sequences of at least ``PALLAS_MIN_SEQ_LEN`` tokens,
+             ``xla`` otherwise (maxdiffusion uses the same kind of minimum length).
 
 Keys may be masked with ``key_mask`` (``[batch, kv_tokens]``, True = attend), e.g. the padding
 of a text context; a query whose keys are all masked gets a zero output (no context). Only
@@ -50,6 +55,7 @@ from ascan_jax.models import pallas_flash
 from ascan_jax.models import rope as rope_lib
 from ascan_jax.models import separable_bias as separable_lib
 from ascan_jax.parallel import sharding as sharding_lib
+from ascan_jax.perf import attention_table
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 POSITION_ENCODINGS = ("relative_bias", "relative_bias_separable", "rope", "none")
@@ -59,14 +65,29 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def resolve_implementation(implementation: str, dtype: Any, seq_len: int, head_dim: int,
-                           platform: str | None = None) -> str:
-  """Turns ``auto`` into a concrete implementation; checks the others are usable."""
+                           platform: str | None = None, *, device_kind: str | None = None,
+                           table=None) -> str:
+  """Turns ``auto`` into a concrete implementation; checks the others are usable.
+
+  ``auto`` looks up ``table`` (default: the entries of ``perf/attention_choices.json``) for
+  ``device_kind`` (default: the first JAX device's, when ``platform`` is the default backend or
+  not given; a platform given for another backend has no device kind, so only the rules apply),
+  then falls back to the rules of thumb (module docstring)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+  if device_kind is None and platform in (None, jax.default_backend()):
+    device_kind = jax.devices()[0].device_kind
   platform = platform or jax.default_backend()
   low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   cudnn_ok = platform == "gpu" and low_precision and head_dim % 8 == 0 and head_dim <= 128
   if implementation == "auto":
+    measured = attention_table.choose(
+        attention_table.load() if table is None else table, platform=platform,
+        device_kind=device_kind, dtype=jnp.dtype(dtype).name, seq_len=seq_len,
+        head_dim=head_dim)
+    if measured == "xla" or (measured == "cudnn" and cudnn_ok) or (
+        measured == "pallas" and platform == "tpu"):
+      return measured
     if cudnn_ok:
       return "cudnn"
     if platform == "tpu" and seq_len >= PALLAS_MIN_SEQ_LEN:
