@@ -43,12 +43,10 @@ class Tokenize:
     return dict(example, input_ids=ids[0], text_mask=mask[0])
 
 
-class CaptionImageCodec:
+class CaptionImageCodec(pp.Preprocess):
   """Caption records -> ``image`` of a bucket, ``caption`` (module docstring). Sources with
   ``load_encoded`` hand images over still encoded (``accepts_encoded``), so a large JPEG is
   decoded at a reduced size when its bucket is much smaller."""
-
-  accepts_encoded = True
 
   def __init__(self, size: int | None = None, table: Sequence[tuple[int, int]] | None = None,
                *, flip: bool = False, random_crop: bool = False, tokenizer=None,
@@ -61,22 +59,13 @@ class CaptionImageCodec:
     self.fields = tuple(fields)
     tail = ([Tokenize(tokenizer, max_length)] if tokenizer else []) + [
         pp.Cast({"image": np.uint8}), pp.Select(self.fields)]
-    self.train_ops = [PickCaption(), buckets_lib.BucketResizeCrop(self.table,
-                                                                   random_crop=random_crop)]
+    train_ops = [PickCaption(), buckets_lib.BucketResizeCrop(self.table,
+                                                              random_crop=random_crop)]
     if flip:
-      self.train_ops.append(pp.Flip())
-    self.train_ops += tail
-    self.eval_ops = [PickCaption(), buckets_lib.BucketResizeCrop(self.table)] + tail
-
-  def train(self, example: dict, rng: np.random.Generator) -> dict:
-    for op in self.train_ops:
-      example = op(example, rng)
-    return example
-
-  def eval(self, example: dict) -> dict:
-    for op in self.eval_ops:
-      example = op(example, None)
-    return example
+      train_ops.append(pp.Flip())
+    eval_ops = [PickCaption(), buckets_lib.BucketResizeCrop(self.table)] + tail
+    # The placeholder depends on the bucket: ``placeholder`` below builds it.
+    super().__init__(train_ops + tail, eval_ops, placeholder={}, accepts_encoded=True)
 
   def placeholder(self, bucket: int | None = None) -> dict:
     h, w = self.table[0 if bucket is None else int(bucket)]
