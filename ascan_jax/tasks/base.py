@@ -39,7 +39,8 @@ _REGISTRY: dict[str, type["Task"]] = {}
 # Built-in tasks: config.task -> module. Others register themselves when their module is imported
 # (``ascan_jax.tasks.<name>`` is tried for an unknown name).
 BUILTIN = {"classification": "ascan_jax.tasks.classification",
-           "diffusion": "ascan_jax.tasks.diffusion"}
+           "diffusion": "ascan_jax.tasks.diffusion",
+           "segmentation": "ascan_jax.tasks.segmentation"}
 
 
 class TaskError(ValueError):
