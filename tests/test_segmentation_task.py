@@ -337,6 +337,16 @@ def test_summary_at_512_shapes_only():
   assert logits.shape == (1, 512, 512, 150) and logits.dtype == jnp.float32
 
 
+def test_summary_mode_counts_a_tiny_model():
+  """The whole --mode=summary on the tiny model (features-only backbone: no embed_dim)."""
+  config = _config()
+  task = segmentation.Task(config)
+  out = summary_lib.summarize(task, config)
+  assert out["params"] == sum(out["params_by_group"].values()) > 0
+  assert out["embed_dim"] is None and out["input_shapes"]["image"] == [SIZE, SIZE, 3]
+  assert out["macs"] > 0 and out["train_temp_bytes"] > 0
+
+
 def test_fit_and_pad_keeps_image_and_labels_aligned():
   """A 64x128 record fitted into 32x32 (factor 1/4, 16 rows of padding). The labels are constant
   on aligned 4x4 blocks, so the bilinear image (mean of source pixels 4i+1, 4i+2) and the nearest

@@ -81,7 +81,7 @@ def summarize(task, config) -> dict:
                depths=[len(s) for s in stages],
                blocks=[{"C": s.count("C"), "T": s.count("T")} for s in stages],
                heads=[w // m.head_dim if "T" in s else 0 for s, w in zip(stages, m.widths)],
-               head_dim=m.head_dim, embed_dim=m.embed_dim)
+               head_dim=m.head_dim, embed_dim=m.get("embed_dim"))  # None: features only.
   if "data" in config and "image_size" in config.data:
     out["image_size"] = config.data.image_size
   out["input_shapes"] = {k: list(v.shape[1:]) for k, v in task.input_spec(1).items()
