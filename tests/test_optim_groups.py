@@ -124,19 +124,30 @@ def test_bad_group_entries_are_named():
 def test_groups_train_checkpoint_and_resume_through_the_loop(tmp_path):
   """Groups give optax.multi_transform state with MaskedNode leaves inside boxed parameters: the
   builder must shard that state, the loop train and checkpoint it, and a run resume from it."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from ascan_jax.modes import train as train_mode  # pylint: disable=g-import-not-at-top
   from tests import toy_tasks  # pylint: disable=g-import-not-at-top
+
+  class BoxedToy(toy_tasks.ToyTask):
+    """The toy task with logically partitioned (boxed) parameters, as every real model has."""
+
+    def build_model(self, **overrides):
+      box = nn.with_logical_partitioning
+      return nn.Dense(self.config.model.num_classes,
+                      kernel_init=box(nn.initializers.lecun_normal(), ("embed", "classes")),
+                      bias_init=box(nn.initializers.zeros, ("classes",)), **overrides)
+
   config = toy_tasks.default_config()
   config.optim.groups = (("^bias$", 0.0, 0.0),)  # the bias is frozen by its lr multiplier.
   config.optim.warmup_steps = 0
   config.mesh.shape = (1, 8, 1)
-  task = toy_tasks.ToyTask(config)
-  init = jax.device_get(task.init_variables(jax.random.key(config.seed))["params"])
+  task = BoxedToy(config)
+  init = jax.device_get(nn.unbox(task.init_variables(jax.random.key(config.seed))["params"]))
   state = train_mode.train(task, config, str(tmp_path))
   params = jax.device_get(state.params)
   np.testing.assert_array_equal(params["bias"], init["bias"])
   assert np.abs(params["kernel"] - init["kernel"]).max() > 0
   config.total_steps = 6
-  resumed = train_mode.train(toy_tasks.ToyTask(config), config, str(tmp_path))
+  resumed = train_mode.train(BoxedToy(config), config, str(tmp_path))
   assert int(resumed.step) == 6
   np.testing.assert_array_equal(jax.device_get(resumed.params)["bias"], init["bias"])

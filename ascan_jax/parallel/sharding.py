@@ -48,16 +48,10 @@ def _is_box(x) -> bool:
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
-  """Shardings for the *unboxed* version of ``boxed_tree`` (same structure after nn.unbox).
-
-  A box may hold an empty pytree instead of an array: ``optax.multi_transform`` (parameter
-  groups) replaces the parameters another group owns by ``optax.MaskedNode()`` inside each
-  group's state. Such a value has no leaves and is returned as it is."""
+  """Shardings for the *unboxed* version of ``boxed_tree`` (same structure after nn.unbox)."""
   def one(x):
     if _is_box(x):
       value = x.value
-      if not hasattr(value, "shape"):
-        return value
       return NamedSharding(mesh, spec_for(x.names, value.shape, mesh, rules))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, boxed_tree, is_leaf=_is_box)

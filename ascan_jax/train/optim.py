@@ -23,6 +23,7 @@ import dataclasses
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -153,7 +154,9 @@ def make_optimizer(optim_config, durations: Durations, params=None,
   if o.layer_decay < 1.0 and layer_of is None:
     raise ValueError("optim.layer_decay < 1 needs the task to say which layer a parameter is "
                      "in (Task.parameter_layer returned None)")
-  multipliers = group_multipliers(params, o.groups, layer_of, o.layer_decay)
+  # Labels of the unboxed tree: names without the boxes' ``value`` attribute, and a prefix of a
+  # boxed tree too (``tx.init`` on boxed parameters masks whole boxes).
+  multipliers = group_multipliers(nn.unbox(params), o.groups, layer_of, o.layer_decay)
   pairs = sorted(set(jax.tree.leaves(multipliers, is_leaf=lambda x: isinstance(x, tuple))))
   label_of = {pair: f"lr{pair[0]:g}_wd{pair[1]:g}" for pair in pairs}
   labels = jax.tree.map(lambda pair: label_of[pair], multipliers,
