@@ -106,7 +106,7 @@ def base() -> ml_collections.ConfigDict:
   c.bench.measure_sampling = False  # generative tasks: also time full sampling at batch 64.
 
   c.summary = ml_collections.ConfigDict()
-  c.summary.memory_batch_size = 64
+  c.summary.memory_batch_size = 64  # 0: no memory analysis (MACs and parameters only).
   return c
 
 

@@ -74,13 +74,16 @@ def _runlocal(c):
   c.model.widths = (32, 64, 128, 256)
   c.model.stem_width = 32
   c.model.head_dim = 32
-  c.model.drop_path_rate = 0.05
+  c.model.drop_path_rate = 0.0  # 700 steps: no regularisation (the recipe's 0.3 is for 160K).
+  c.model.dropout = 0.0
   c.model.dtype = "float32"
   c.model.table_image_size = 96
-  # Thin digit strokes need the finest stage too (stride 4); a small head.
+  # Thin digit strokes need the finest stage too: the ground-truth masks of these scenes, averaged
+  # to stride 8 (4) and upsampled bilinearly, score only mIoU 0.51 (0.86). A 32-channel head: at
+  # stride 4 the head's 3x3 convolutions cost as much as the backbone.
   c.model.feature_stages = (1, 2, 3, 4)
   c.model.aux_stage = 3
-  c.model.channels = 64
+  c.model.channels = 32
   c.model.aux_channels = 32
   c.data.name = "embedded_digit_scenes"
   c.data.num_classes = 11
@@ -98,16 +101,20 @@ def _runlocal(c):
   c.data.worker_count = 0
   c.batch_size = 16
   c.eval_batch_size = 100
-  c.total_steps = 500
-  c.optim.peak_lr = 1e-3
+  c.total_steps = 700
+  c.optim.peak_lr = 2e-3  # the classification runlocal's peak.
+  # The heads start from scratch behind BatchNorm: Adam moves a weight by about lr a step, so
+  # their logits leave the class prior slowly. Measured (500 steps, peak 1e-3): mIoU 0.08 with
+  # one learning rate (background everywhere), 0.45 with the heads at 10x (mmseg's lr_mult).
+  c.optim.groups = (("^(decode_head|auxiliary_head)/", 10.0, 1.0),)
   c.optim.init_lr = 1e-6
   c.optim.warmup_steps = 50
   c.optim.grad_clip_norm = 1.0
   c.log.every_steps = 25
-  c.evals.val.every_steps = 500
+  c.evals.val.every_steps = 350
   del c.evals["ss"]
   del c.evals["ms"]
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 350
   c.bench.batch_sizes = (1, 16)
   c.summary.memory_batch_size = 16
   c.sample.num_images = 6

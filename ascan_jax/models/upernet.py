@@ -20,8 +20,9 @@ and no antialiasing, in float32. Adaptive pooling uses PyTorch's bin rule (bin `
 over ``L`` inputs covers ``[floor(i L / n), ceil((i + 1) L / n))``), so feature maps of any size
 pool the way mmseg's ``nn.AdaptiveAvgPool2d`` does.
 
-BatchNorm: under ``jit`` with a batch sharded over devices the statistics are those of the
-global batch, i.e. mmseg's SyncBN. The classifier is initialised with N(0, 0.01) and zero bias
+BatchNorm: ``batch_norm="global"`` (default): under ``jit`` with a batch sharded over devices
+the statistics are those of the global batch, i.e. mmseg's SyncBN; ``"per_device"``: each
+device's share only (``blocks.ShardLocalBatchNorm``). The classifier is initialised with N(0, 0.01) and zero bias
 (mmseg's ``BaseDecodeHead``); the ConvModules use the backbone's He (fan-out) initialisation.
 Logical axis names: kernels ``(None, None, conv_in, conv_out)``, the classifier's output axis
 ``classes``, norms ``conv_out``.
@@ -76,11 +77,12 @@ class ConvModule(nn.Module):
   kernel: int
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  batch_norm: str = "global"  # blocks.batch_norm's stats: global (SyncBN) | per_device.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = blocks.conv(self.features, self.kernel, dtype=self.dtype, name="conv")(x.astype(self.dtype))
-    x = blocks.batch_norm(train, self.bn_momentum, self.dtype, "bn")(x)
+    x = blocks.batch_norm(train, self.bn_momentum, self.dtype, "bn", stats=self.batch_norm)(x)
     return blocks.constrain(nn.relu(x))
 
 
@@ -107,6 +109,7 @@ class PyramidPooling(nn.Module):
   pool_scales: Sequence[int] = POOL_SCALES
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  batch_norm: str = "global"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -114,10 +117,12 @@ class PyramidPooling(nn.Module):
     outs = [x.astype(self.dtype)]
     for scale in self.pool_scales:
       y = adaptive_avg_pool(x, scale)
-      y = ConvModule(self.channels, 1, self.bn_momentum, self.dtype, name=f"pool{scale}")(y, train)
+      y = ConvModule(self.channels, 1, self.bn_momentum, self.dtype, self.batch_norm,
+                     name=f"pool{scale}")(y, train)
       outs.append(resize_bilinear(y, h, w).astype(self.dtype))
     y = jnp.concatenate(outs, axis=-1)
-    return ConvModule(self.channels, 3, self.bn_momentum, self.dtype, name="bottleneck")(y, train)
+    return ConvModule(self.channels, 3, self.bn_momentum, self.dtype, self.batch_norm,
+                      name="bottleneck")(y, train)
 
 
 class UperNetHead(nn.Module):
@@ -129,15 +134,17 @@ class UperNetHead(nn.Module):
   dropout: float = 0.1
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  batch_norm: str = "global"
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
     if not features:
       raise ValueError("UperNetHead needs at least one feature map")
-    conv = lambda k, name: ConvModule(self.channels, k, self.bn_momentum, self.dtype, name=name)
+    conv = lambda k, name: ConvModule(self.channels, k, self.bn_momentum, self.dtype,
+                                      self.batch_norm, name=name)
     laterals = [conv(1, f"lateral{i}")(f, train) for i, f in enumerate(features[:-1])]
     laterals.append(PyramidPooling(self.channels, tuple(self.pool_scales), self.bn_momentum,
-                                   self.dtype, name="psp")(features[-1], train))
+                                   self.dtype, self.batch_norm, name="psp")(features[-1], train))
     for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
       h, w = laterals[i - 1].shape[1:3]
       laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], h, w).astype(self.dtype)
@@ -158,11 +165,13 @@ class FCNHead(nn.Module):
   dropout: float = 0.1
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  batch_norm: str = "global"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_convs):
-      x = ConvModule(self.channels, 3, self.bn_momentum, self.dtype, name=f"conv{i}")(x, train)
+      x = ConvModule(self.channels, 3, self.bn_momentum, self.dtype, self.batch_norm,
+                     name=f"conv{i}")(x, train)
     return Classifier(self.num_classes, self.dropout, name="classifier")(x, train)
 
 
@@ -188,6 +197,7 @@ class SegmentationModel(nn.Module):
   pool_scales: Sequence[int] = POOL_SCALES
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  batch_norm: str = "global"  # the heads' BatchNorm statistics (the backbone has its own key).
 
   def _check_stages(self, num_stages: int):
     stages = tuple(self.feature_stages)
@@ -208,14 +218,15 @@ class SegmentationModel(nn.Module):
     self._check_stages(len(features))
     height, width = images.shape[1:3]
     logits = UperNetHead(self.num_classes, self.channels, tuple(self.pool_scales), self.dropout,
-                         self.bn_momentum, self.dtype, name="decode_head")(
+                         self.bn_momentum, self.dtype, self.batch_norm, name="decode_head")(
                              [features[s - 1] for s in self.feature_stages], train)
     logits = nn.with_logical_constraint(resize_bilinear(logits, height, width), LOGIT_AXES)
     with_aux = train if with_aux is None else with_aux
     aux = None
     if self.aux_stage is not None and (with_aux or self.is_initializing()):
       aux = FCNHead(self.num_classes, self.aux_channels, dropout=self.dropout,
-                    bn_momentum=self.bn_momentum, dtype=self.dtype, name="auxiliary_head")(
+                    bn_momentum=self.bn_momentum, dtype=self.dtype,
+                    batch_norm=self.batch_norm, name="auxiliary_head")(
                         features[self.aux_stage - 1], train)
       aux = nn.with_logical_constraint(resize_bilinear(aux, height, width), LOGIT_AXES)
       if not with_aux:

@@ -8,6 +8,8 @@
 * memory at ``summary.memory_batch_size`` (64, the paper's Table 8 setting): XLA's buffer
   assignment of the compiled inference forward and of the training loss+gradient, in the
   config's compute dtype (temporaries, i.e. activations and workspace, excluding parameters).
+  0 skips it: compiling the training step of a large model at a large input can take more host
+  memory than the MAC count needs (UperNet-AsCAN-B at 512x2048: over 11 GB on a CPU).
 Writes ``DIR/summary.json`` and prints a table.
 """
 from __future__ import annotations
@@ -91,7 +93,8 @@ def summarize(task, config) -> dict:
   mem_batch = config.summary.memory_batch_size
   out["memory_batch_size"] = mem_batch
   out["compute_dtype"] = jnp.dtype(task.dtype).name
-  out.update(memory_bytes(task, model, variables, mem_batch))
+  if mem_batch > 0:
+    out.update(memory_bytes(task, model, variables, mem_batch))
   out["seconds"] = time.perf_counter() - t0
   return out
 
@@ -104,10 +107,11 @@ def format_table(s: dict) -> str:
   for key in ("layout", "widths", "depths", "heads", "image_size", "input_shapes"):
     if key in s:
       rows.append((key, str(s[key])))
-  rows.append((f"inference memory (batch {s['memory_batch_size']}, {s['compute_dtype']})",
-               f"{s['inference_temp_bytes'] / 2**20:.1f} MiB"))
-  rows.append((f"training memory (batch {s['memory_batch_size']}, {s['compute_dtype']})",
-               f"{s['train_temp_bytes'] / 2**20:.1f} MiB"))
+  if "inference_temp_bytes" in s:
+    rows.append((f"inference memory (batch {s['memory_batch_size']}, {s['compute_dtype']})",
+                 f"{s['inference_temp_bytes'] / 2**20:.1f} MiB"))
+    rows.append((f"training memory (batch {s['memory_batch_size']}, {s['compute_dtype']})",
+                 f"{s['train_temp_bytes'] / 2**20:.1f} MiB"))
   for group, n in s["params_by_group"].items():
     rows.append((f"  params in {group}", f"{n / 1e6:.3f} M"))
   width = max(len(r[0]) for r in rows)

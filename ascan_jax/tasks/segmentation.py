@@ -91,6 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"
   c.model.remat_policy = "none"
   c.model.dtype = "auto"
+  c.model.gelu = "exact"  # as the classifier whose checkpoint starts the backbone.
+  c.model.batch_norm = "global"  # backbone and heads: global (SyncBN) | per_device.
   # The decode heads (mmseg's UperNet configs).
   c.model.feature_stages = (2, 3, 4)  # 1-based backbone stages fed to UperNet (paper: S2-S4).
   c.model.aux_stage = 3  # the auxiliary FCN head's stage; 0: no auxiliary head.
@@ -258,14 +260,14 @@ class Task(base.Task):
                     drop_path_rate=m.drop_path_rate, bn_momentum=m.bn_momentum,
                     table_image_size=m.table_image_size, features_only=True,
                     attention_impl=m.attention_impl, remat_policy=m.remat_policy,
-                    dtype=self.dtype)
+                    gelu=m.gelu, batch_norm=m.batch_norm, dtype=self.dtype)
     backbone.update(overrides)
     return upernet.SegmentationModel(
         backbone=ascan.AsCAN(**backbone), num_classes=self.num_classes,
         feature_stages=tuple(m.feature_stages), aux_stage=m.aux_stage or None,
         channels=m.channels, aux_channels=m.aux_channels, dropout=m.dropout,
         pool_scales=tuple(m.pool_scales), bn_momentum=m.bn_momentum,
-        dtype=backbone["dtype"])
+        batch_norm=m.batch_norm, dtype=backbone["dtype"])
 
   def init_variables(self, key, model=None):
     h, w = self.config.data.crop_size
