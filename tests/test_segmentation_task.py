@@ -313,6 +313,20 @@ def test_missing_ade20k_says_how_to_prepare_it(tmp_path):
     segmentation.Task(config).num_train_examples()
 
 
+def test_tfds_scene_parse150_needs_consent_then_a_prepared_dataset(tmp_path):
+  """tfds's scene_parse150 carries instance maps only: refused unless asked for, then a missing
+  dataset says how to build it."""
+  from configs import segmentation_common
+  config = segmentation_common.get_config("T", None)
+  config.data.name = "scene_parse150"
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(ValueError, match="instance annotations"):
+    segmentation.Task(config).num_train_examples()
+  config.data.accept_instance_annotations = True
+  with pytest.raises(sources.DatasetNotFoundError, match="tfds build scene_parse150"):
+    segmentation.Task(config).num_train_examples()
+
+
 def test_summary_at_512_shapes_only():
   """UperNet-AsCAN-T at 512x512: abstract parameters and logits (eval_shape, no compile)."""
   from configs import segmentation_common

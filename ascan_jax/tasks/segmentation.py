@@ -16,7 +16,10 @@ ignored ones included, which is what mmseg's ``CrossEntropyLoss`` does by defaul
 were tuned with; ``"valid"`` averages over labelled pixels only.
 
 Data (``data.name``): ``ade20k``, the ArrayRecord shards of ``tools.ade20k_to_array_record`` in
-``data.data_dir`` (labels already reduced: 0..149, 255 ignored), or ``embedded_digit_scenes``,
+``data.data_dir`` (labels already reduced: 0..149, 255 ignored); ``scene_parse150``, tfds's
+dataset of that name in ``data.data_dir`` through ``tfds.data_source`` (its annotations are the
+instance maps, so only the 100 object classes are labelled: ``data.accept_instance_annotations``
+must say that is wanted, see ``data.ade20k``); or ``embedded_digit_scenes``,
 the captioned MNIST scenes of ``data.digit_scenes`` (11 classes: background and the ten digits;
 nothing to download). Training applies mmseg's ADE20K pipeline to image and labels jointly
 (``data.segmentation_transforms``: random rescale of ``data.scale`` by ``data.ratio_range``,
@@ -60,7 +63,7 @@ from ascan_jax.tasks import base
 from ascan_jax.tasks import classification
 from ascan_jax.tasks import segmentation_evaluators as seg_evaluators
 
-DATASETS = ("ade20k", "embedded_digit_scenes")
+DATASETS = ("ade20k", "scene_parse150", "embedded_digit_scenes")
 IGNORE_INDEX = 255
 # mmseg pads the normalised image with 0, i.e. with the mean colour (rounded ImageNet mean).
 MEAN_PAD = (124, 116, 104)
@@ -106,8 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.normalize = "all"  # all (mmseg's default) | valid; see the module docstring.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "ade20k"  # ade20k | embedded_digit_scenes
-  c.data.data_dir = ""  # ade20k: the folder written by tools.ade20k_to_array_record.
+  c.data.name = "ade20k"  # ade20k | scene_parse150 | embedded_digit_scenes
+  c.data.data_dir = ""  # ade20k: the folder written by tools.ade20k_to_array_record; or tfds's.
+  # scene_parse150 (tfds) holds instance annotations only (see data.ade20k): opt in to train on
+  # its object labels; it is not the ADE20K benchmark.
+  c.data.accept_instance_annotations = False
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.num_classes = 150
@@ -190,7 +196,7 @@ def check_config(config) -> None:
   cv.require(0.0 < lo <= hi, "data.ratio_range", f"({lo}, {hi}) needs 0 < low <= high")
   cv.require(0.0 < d.cat_max_ratio <= 1.0, "data.cat_max_ratio", "must be in (0, 1]")
   cv.require(len(tuple(d.pad_value)) == 3, "data.pad_value", "must be an RGB triple")
-  if d.name == "ade20k":
+  if d.name in ("ade20k", "scene_parse150"):
     cv.require(d.num_classes == ade20k.NUM_CLASSES, "data.num_classes",
                f"ADE20K has {ade20k.NUM_CLASSES} classes, not {d.num_classes}")
   else:
@@ -288,6 +294,8 @@ class Task(base.Task):
       d = self.config.data
       if d.name == "ade20k":
         src = ade20k.ADE20KArrayRecordSource(d.data_dir, split)
+      elif d.name == "scene_parse150":
+        src = ade20k.ADE20KTfdsSource(split, d.data_dir, d.accept_instance_annotations)
       else:
         train = split == d.train_split
         src = digit_scenes.DigitScenesSource(
@@ -301,7 +309,7 @@ class Task(base.Task):
     return self._sources[split]
 
   def class_names(self) -> tuple[str, ...]:
-    if self.config.data.name == "ade20k":
+    if self.config.data.name in ("ade20k", "scene_parse150"):
       return ade20k.CLASS_NAMES
     return digit_scenes.CLASS_NAMES
 
