@@ -224,3 +224,29 @@ def test_loss_ignores_label_and_masked_examples(normalize):
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   counted = keep & (labels != 255)
   np.testing.assert_allclose(acc, (logits.argmax(-1) == labels)[counted].mean(), rtol=1e-6)
+
+
+def test_per_device_batch_norm_reaches_both_heads():
+  """``batch_norm="per_device"`` normalises each device's shard in the heads too: on 8 devices
+  with shards of different statistics the heads' running variances differ from SyncBN's."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ascan_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from ascan_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  x = x + jnp.arange(8, dtype=jnp.float32)[:, None, None, None]  # shards differ.
+  stats = {}
+  for kind in ("global", "per_device"):
+    model = upernet.SegmentationModel(_TinyConvBackbone(), 5, channels=8, aux_channels=8,
+                                      dropout=0.0, batch_norm=kind)
+    variables = _random_variables(model, x[:1])
+
+    def run(v, x, model=model):
+      with sharding_lib.in_mesh(mesh, config_defaults.DEFAULT_RULES):
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+    stats[kind] = jax.jit(run, in_shardings=(None, NamedSharding(mesh, P("data"))))(variables, x)
+  for head, module in (("decode_head", "fpn_bottleneck"), ("auxiliary_head", "conv0")):
+    var = [np.asarray(stats[k][head][module]["bn"]["var"]) for k in ("global", "per_device")]
+    assert not np.allclose(*var, rtol=1e-3), head
