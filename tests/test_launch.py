@@ -422,6 +422,12 @@ def test_tpu_spot_restarts_when_the_slice_was_recreated(fake_pod):
   assert len([c for c in fake_pod["calls"]() if c.startswith("main.py worker=0")]) == 2
 
 
+def _default_sigint():
+  """A terminal's shell starts the launcher with SIGINT at its default. A test run from a
+  background job inherits SIGINT ignored, and bash cannot trap a signal ignored on entry."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_tpu_ctrl_c_stops_every_worker_with_a_checkpoint(fake_pod):
   fake_pod["env"]["FAKE_MAIN_WAITS"] = "1"
   args = ["--tpu_name=pod", "--zone=z1", "--project=p1", "--workdir=gs://b/w",
@@ -430,7 +436,7 @@ def test_tpu_ctrl_c_stops_every_worker_with_a_checkpoint(fake_pod):
       ["bash", str(fake_pod["tpu"].parent / "repo" / "launch" / "tpu_pod.sh"), *args,
        f"--python={fake_pod['tpu'].parent / 'fake_python'}"],
       cwd=fake_pod["local"], env=fake_pod["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True, start_new_session=True)
+      text=True, start_new_session=True, preexec_fn=_default_sigint)
   deadline = time.time() + 60
   while len([c for c in fake_pod["calls"]() if c.startswith("main.py")]) < 2:
     assert time.time() < deadline and launcher.poll() is None, launcher.communicate()
