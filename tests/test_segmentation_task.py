@@ -354,16 +354,15 @@ def test_summary_at_512_shapes_only():
 def test_summary_mode_counts_a_tiny_model():
   """The whole --mode=summary on the tiny model (features-only backbone: no embed_dim)."""
   config = _config()
+  # MACs and parameters only (large inputs, small hosts); the memory analysis itself is
+  # test_summary_bench's (it compiles a training step: seconds even for this model).
+  config.summary.memory_batch_size = 0
   task = segmentation.Task(config)
   out = summary_lib.summarize(task, config)
   assert out["params"] == sum(out["params_by_group"].values()) > 0
   assert out["embed_dim"] is None and out["input_shapes"]["image"] == [SIZE, SIZE, 3]
-  assert out["macs"] > 0 and out["train_temp_bytes"] > 0
-  config.summary.memory_batch_size = 0  # MACs and parameters only (large inputs, small hosts).
-  lean = summary_lib.summarize(task, config)
-  assert "train_temp_bytes" not in lean and "inference_temp_bytes" not in lean
-  assert lean["macs"] == out["macs"] and lean["params"] == out["params"]
-  assert "MACs / example" in summary_lib.format_table(lean)
+  assert out["macs"] > 0 and "train_temp_bytes" not in out and "inference_temp_bytes" not in out
+  assert "MACs / example" in summary_lib.format_table(out)
 
 
 def test_fit_and_pad_keeps_image_and_labels_aligned():

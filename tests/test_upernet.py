@@ -234,12 +234,12 @@ def test_per_device_batch_norm_reaches_both_heads():
   from ascan_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
   x = x + jnp.arange(8, dtype=jnp.float32)[:, None, None, None]  # shards differ.
   stats = {}
   for kind in ("global", "per_device"):
-    model = upernet.SegmentationModel(_TinyConvBackbone(), 5, channels=8, aux_channels=8,
-                                      dropout=0.0, batch_norm=kind)
+    model = upernet.SegmentationModel(_TinyConvBackbone(), 5, channels=4, aux_channels=4,
+                                      dropout=0.0, pool_scales=(1, 2), batch_norm=kind)
     variables = _random_variables(model, x[:1])
 
     def run(v, x, model=model):
