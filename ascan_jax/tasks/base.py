@@ -40,7 +40,8 @@ _REGISTRY: dict[str, type["Task"]] = {}
 # (``ascan_jax.tasks.<name>`` is tried for an unknown name).
 BUILTIN = {"classification": "ascan_jax.tasks.classification",
            "diffusion": "ascan_jax.tasks.diffusion",
-           "segmentation": "ascan_jax.tasks.segmentation"}
+           "segmentation": "ascan_jax.tasks.segmentation",
+           "text_to_image": "ascan_jax.tasks.text_to_image"}
 
 
 class TaskError(ValueError):

@@ -1,0 +1,177 @@
+"""The text-to-image stages of the paper (arXiv 2411.04967 §3.3.2, A.6, Fig. 8) and their CPU
+``runlocal`` shrink, shared by ``t2i.py`` (the chains) and ``t2i_stage*.py`` (one stage each).
+
+Paper, every stage: the same network (text adapter + the ``t2i`` AsCAN UNet, 4-channel SDXL-VAE
+latents, frozen Flan-T5-XXL, 128 text tokens here), DDPM epsilon prediction with scaled-linear
+betas, final beta 0.01 at 256² and 0.02 at 512² and above, AdamW betas (0.9, 0.99), T5
+embeddings and VAE latents pre-computed (``text.cached``). Stage table (§6.4 of our notes):
+
+  stage  data                          size        iterations  batch   lr
+  1      ImageNet as text-to-image     256²        (ours 200K) (2048)  (6e-4)
+  2a     curated image-text set        256²        300K        16,384  4e-4
+  2b     same                          512²        200K        6,144   1e-4
+  2c     same                          1024²       100K        1,536   5e-5
+  2d     aspect-ratio buckets          1024² area  (ours 50K)  (1,536) (5e-5), offset noise 0.05
+
+Not given, our choices (in parentheses above, and): stage 1 takes the class-conditional
+recipe's batch and lr (A.7: 2048, 6e-4) and 200K iterations (about 320 ImageNet epochs; Fig. 8
+only needs a warm start); 2d continues 2c's batch and lr for 50K iterations; every stage warms
+up for 1000 steps to a constant lr, weight decay 0.01, gradient clipping 1.0, EMA 0.9999; each
+stage warm-starts from the previous one's EMA parameters (``init_from``). Samples: Heun, 30
+steps, the paper's "sampled cfg" ramp (1.1 -> 3.6 on steps 5..30; the paper gives no T2I
+sampler, this is its class-conditional one). Stage 2d trains on aspect-ratio buckets (the data
+issue's bucket machinery); until that lands it trains at 1024² with the offset noise.
+
+``runlocal``: the same chain at toy size on a 2-core CPU, pixel space, from the embedded digit
+scenes (``data.digit_scenes``): stage 1 single white digits with synonym captions ("a photo of a
+seven", the ImageNet-as-T2I analogue) at 32², stage 2 scenes at 64², stage 3 scenes at a fixed
+64x96 aspect with offset noise 0.05 (the bucket machinery is not there yet). Space-to-depth by
+4 keeps the UNet's input 8x8 / 16x16 / 16x24 tokens of 48 channels (a 48-wide first level, so
+the stem is no bottleneck), so one set of weights serves every stage and ``init_from`` loads all
+of it. A small T5 with random weights (2 layers,
+width 64) stands in for Flan-T5, frozen; its sentencepiece tokenizer is a word model trained on
+the scenes' captions (each caption word one token, at most 18 tokens, ``text.max_length=24``).
+Beta_end is 0.02 throughout (pixel space: the class-conditional runlocal's choice). The digit
+classifier that judges the samples is the classification ``:runlocal`` (shared with the
+class-conditional runlocal under ``$ASCAN_CACHE``, trained first when missing).
+"""
+import os
+
+from ascan_jax import config_defaults
+from ascan_jax.tasks import text_to_image
+
+CONFIGS = os.path.dirname(os.path.abspath(__file__))
+PAPER_STAGES = {
+    # stage: (resolution, iterations, batch, lr, offset noise)
+    "1": (256, 200_000, 2048, 6e-4, 0.0),
+    "2a": (256, 300_000, 16_384, 4e-4, 0.0),
+    "2b": (512, 200_000, 6144, 1e-4, 0.0),
+    "2c": (1024, 100_000, 1536, 5e-5, 0.0),
+    "2d": (1024, 50_000, 1536, 5e-5, 0.05),
+}
+RUNLOCAL_STAGES = {
+    # stage: (name, scene mode, height, width, steps, lr, offset noise)
+    "1": ("stage1_single_digits", "single_digit", 32, 32, 2000, 1e-3, 0.0),
+    "2": ("stage2_scenes64", "scenes", 64, 64, 1500, 5e-4, 0.0),
+    "3": ("stage3_aspect64x96", "scenes", 64, 96, 400, 2.5e-4, 0.05),
+}
+
+
+def cache_dir(*parts: str) -> str:
+  base = os.environ.get("ASCAN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "ascan_jax")
+  return os.path.join(base, *parts)
+
+
+def paper_stage(stage: str):
+  """One stage of the paper's chain (see the module docstring)."""
+  if stage not in PAPER_STAGES:
+    raise ValueError(f"unknown text-to-image stage {stage!r}; stages: {sorted(PAPER_STAGES)}")
+  resolution, iterations, batch, lr, offset = PAPER_STAGES[stage]
+  c = text_to_image.default_config()
+  c.batch_size = batch
+  c.total_steps = iterations
+  c.optim.peak_lr = c.optim.end_lr = lr
+  c.diffusion.beta_end = 0.01 if resolution < 512 else 0.02
+  c.diffusion.offset_noise = offset
+  c.data.name = "cache"
+  c.data.cache_dir = f"latents/t2i_{'imagenet_' if stage == '1' else ''}{resolution}"
+  c.data.latent_dir = c.data.cache_dir
+  c.data.height = c.data.width = resolution
+  c.text.cached = True
+  c.text.encoder_dir = "flan-t5-xxl"  # for sampling prompts (a transformers directory).
+  c.text.max_length = 128
+  c.evals.val.every_steps = 10_000
+  c.evals.grid.every_steps = 5000
+  c.checkpoint.every_steps = 2000
+  return c
+
+
+def paper_chain():
+  """Stage 2d, after 1, 2a, 2b and 2c in ``DIR/stages/<name>``, each from the one before."""
+  c = paper_stage("2d")
+  c.stages.previous = tuple(f"stage{s}={CONFIGS}/t2i_stage{s}.py" for s in ("1", "2a", "2b", "2c"))
+  return c
+
+
+def runlocal_stage(stage: str):
+  """One stage of the CPU chain (see the module docstring)."""
+  if stage not in RUNLOCAL_STAGES:
+    raise ValueError(f"unknown runlocal stage {stage!r}; stages: {sorted(RUNLOCAL_STAGES)}")
+  _, mode, height, width, steps, lr, offset = RUNLOCAL_STAGES[stage]
+  c = text_to_image.default_config()
+  m = c.model
+  m.channels = (48, 96, 128)  # a 48-wide stem: the 4x4x3 patches are 48 values.
+  m.down_layout = "C-CT-CT"
+  m.mid_layout = "CT"
+  m.head_dim = 32
+  m.context_dim = 64  # the stand-in encoder's width.
+  m.norm_groups = 8
+  m.dtype = "float32"
+  t = c.text
+  t.encoder_dir = cache_dir("t5", "random_t5_digit_captions_word_d64")
+  t.max_length = 24
+  t.random_encoder.create = True
+  t.random_encoder.tokenizer = "word"
+  t.random_encoder.corpus_size = 1000
+  d = c.data
+  d.name = "embedded_digit_scenes"
+  d.scene_mode = mode
+  d.height, d.width = height, width
+  d.patch = 4
+  d.num_train_examples = 50_000
+  d.num_eval_examples = 500
+  c.diffusion.beta_end = 0.02
+  c.diffusion.offset_noise = offset
+  c.batch_size = 32
+  c.eval_batch_size = 250
+  c.total_steps = steps
+  o = c.optim
+  o.schedule = "cosine"
+  o.peak_lr = lr
+  o.end_lr = lr / 100
+  o.warmup_steps = 100
+  o.ema_decay = 0.999
+  o.ema_warmup = True
+  c.log.every_steps = 50
+  c.checkpoint.every_steps = 250
+  s = c.sample
+  s.sampler = "ddim"
+  s.steps = 25
+  s.guidance = "constant"
+  s.scale = 3.0
+  s.clip_denoised = 1.0
+  s.batch_size = 128
+  s.num_seeds = 2
+  if mode == "single_digit":
+    s.grid_prompts = tuple(f"a photo of {p}" for p in (
+        "a zero", "the digit one", "a 2", "a handwritten three", "the number four", "a five",
+        "the digit 6", "a seven", "an eight", "a handwritten nine"))
+  c.evals.val.every_steps = steps
+  c.evals.grid.every_steps = steps
+  c.evals.grid.num_seeds = 2
+  c.evals.grid.columns = 10 if mode == "single_digit" else 8
+  g = c.evals.geneval
+  g.every_steps = steps
+  g.num_per_tag = 100 if mode == "single_digit" else 20
+  g.judge_dir = cache_dir("judges", "embedded_mnist32_ascan_t_runlocal")
+  g.train_judge = True
+  g.judge_config = os.path.join(CONFIGS, "ascan_t.py:runlocal")
+  return c
+
+
+def runlocal_chain():
+  """The last runlocal stage, after the others in ``DIR/stages/<name>``."""
+  last = max(RUNLOCAL_STAGES)
+  c = runlocal_stage(last)
+  c.stages.previous = tuple(f"{RUNLOCAL_STAGES[s][0]}={CONFIGS}/t2i.py:runlocal,stage={s}"
+                            for s in sorted(RUNLOCAL_STAGES) if s != last)
+  return c
+
+
+def get_config(arg=None, stage: str = ""):
+  """``arg``: ``runlocal`` and/or ``stage=S``; without a stage, the whole chain."""
+  args = config_defaults.parse_arg(arg, runlocal=False, stage=stage)
+  if args.runlocal:
+    return runlocal_stage(args.stage) if args.stage else runlocal_chain()
+  return paper_stage(args.stage) if args.stage else paper_chain()

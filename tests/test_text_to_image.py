@@ -1,0 +1,307 @@
+"""The text-to-image task: caption dropout, the empty prompt as guidance's unconditional branch,
+sampling independent of batch and devices, --mode=sample's files, the stage chain, init_from
+refusing another shape, and a stage resumed after SIGKILL with identical losses."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from ascan_jax import config_validation as cv
+from ascan_jax import tasks
+from ascan_jax.parallel import mesh as mesh_lib
+from ascan_jax.tasks import diffusion as diffusion_task
+from ascan_jax.tasks import text_to_image
+from ascan_jax.tasks import text_to_image_sampling as sampling
+from ascan_jax.train import builder
+from ascan_jax.train import init_from
+from tests import helpers
+
+# A stage small enough for tests: the runlocal stage 1 (single digits at 32x32, patch 4) with a
+# tiny UNet and a tiny stand-in encoder. Written to a file, so main.py runs the same config.
+CONFIG_TEXT = '''
+import ml_collections
+from configs import t2i_common
+
+
+def get_config(arg=None):
+  c = t2i_common.runlocal_stage("1")
+  c.model.update(dict(channels=(16, 32, 32), down_layout="C-T-T", mid_layout="T", head_dim=16,
+                      context_dim=32, norm_groups=8))
+  c.text.update(dict(encoder_dir={encoder!r}, max_length=16))
+  c.text.random_encoder.update(dict(create=False, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                    num_heads=4, corpus_size=100))
+  c.data.update(dict(num_train_examples=256, num_eval_examples=16))
+  c.batch_size, c.eval_batch_size, c.total_steps = 8, 16, {steps}
+  c.optim.warmup_steps = 2
+  c.log.every_steps = 1
+  c.log.tensorboard = False
+  c.checkpoint.every_steps = 3
+  c.sample.update(dict(sampler="ddim", steps=2, batch_size=8, num_seeds=2))
+  c.evals = ml_collections.ConfigDict()  # evaluators run at the last step: none, to save time.
+  return c
+'''
+
+
+def _write_config(directory, encoder, steps):
+  path = os.path.join(directory, f"t2i_tiny_{steps}.py")
+  with open(path, "w") as f:
+    f.write(CONFIG_TEXT.format(encoder=str(encoder), steps=steps))
+  return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The stand-in encoder, the tiny config file and a finished 2-step stage ('stage A', run by
+  main.py: its compiled step is then in the compilation cache for the SIGKILL test's runs)."""
+  root = tmp_path_factory.mktemp("t2i")
+  encoder = root / "t5"
+  config_path = _write_config(str(root), encoder, 2)
+  config = diffusion_task.load_config_file(config_path)
+  text_to_image.make_standin_encoder(str(encoder), config)
+  stage_a = str(root / "stage_a")
+  helpers.run_main(f"--config={config_path}", f"--workdir={stage_a}")
+  return dict(root=root, encoder=encoder, config_path=config_path, stage_a=stage_a)
+
+
+def _config(env, **sample):
+  config = diffusion_task.load_config_file(env["config_path"])
+  config.sample.update(sample)
+  return config
+
+
+def _setup(config, devices):
+  config.mesh.shape = (len(devices), 1, 1)
+  task = tasks.get_task(config)
+  return task, builder.build(task, config, None, mesh=mesh_lib.make_mesh(config, devices))
+
+
+def _nudged(params, setup):
+  """``params`` plus noise, so that every layer (and the prompt) matters: the output layer
+  starts at zero and two steps barely move it. In ``setup``'s shardings."""
+  rng = np.random.default_rng(0)
+  noisy = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+                       jax.device_get(params))
+  return jax.device_put(noisy, setup.state_shardings.params)
+
+
+def test_caption_dropout_rate_and_the_cached_field_contract(env):
+  config = _config(env)
+  config.text.cached = True  # batches carry text_embedding / text_mask: no encoder in the step.
+  task = tasks.get_task(config)
+  n, length, width = 20000, 4, 3
+  text = jax.random.normal(jax.random.key(0), (n, length, width)).astype(jnp.bfloat16)
+  mask = jnp.ones((n, length), jnp.int32)
+  frozen = {"null_text": jnp.full((1, length, width), 7.0), "null_mask": jnp.asarray([[1, 0, 0, 0]])}
+  batch = {"text_embedding": text, "text_mask": mask}
+  out = jax.jit(lambda b, k: task.preprocess(frozen, b, k, True))(batch, jax.random.key(1))
+  dropped = np.all(np.asarray(out["text_embedding"]) == 7.0, axis=(1, 2))
+  rate = config.text.caption_dropout
+  assert rate == 0.1
+  sigma = np.sqrt(rate * (1 - rate) / n)
+  assert abs(dropped.mean() - rate) < 4 * sigma, dropped.mean()
+  np.testing.assert_array_equal(np.asarray(out["text_mask"])[dropped], [[1, 0, 0, 0]] * dropped.sum())
+  kept = ~dropped
+  np.testing.assert_array_equal(np.asarray(out["text_embedding"])[kept],
+                                np.asarray(text.astype(jnp.float32))[kept])
+  np.testing.assert_array_equal(np.asarray(out["text_mask"])[kept], np.asarray(mask)[kept])
+  other = jax.jit(lambda b, k: task.preprocess(frozen, b, k, True))(batch, jax.random.key(2))
+  assert not np.array_equal(np.all(np.asarray(other["text_embedding"]) == 7.0, axis=(1, 2)),
+                            dropped)  # a fresh draw per step.
+  evaluation = task.preprocess(frozen, batch, jax.random.key(1), False)
+  assert not np.any(np.all(np.asarray(evaluation["text_embedding"]) == 7.0, axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def eight(env):
+  """Stage A's model on all 8 devices, sampling with guidance scale 0 (only the unconditional
+  branch runs)."""
+  config = _config(env, guidance="constant", scale=0.0)
+  config.mesh.shape = (jax.device_count(), 1, 1)
+  task = tasks.get_task(config)
+  context = builder.restore(task, config, env["stage_a"])
+  params = _nudged(context.state.ema_params, context.setup)
+  return task, context.setup, params, context.state.replace(ema_params=params)
+
+
+PROMPTS = ["a photo of a seven", "a photo of the digit 2", "", "a photo of a handwritten nine",
+           "a photo of the number one", "a photo of a 4"]
+
+
+def test_the_empty_prompt_is_the_unconditional_branch(env, eight):
+  task, setup, params, _ = eight
+  frozen = setup.frozen
+  ids, mask = task.tokenize([""])
+  np.testing.assert_array_equal(mask[0, :2], [1, 0])  # "" is [EOS] then padding.
+  encoded = jax.jit(task.encode)(frozen["encoder"], ids, mask)
+  np.testing.assert_allclose(np.asarray(frozen["null_text"]), np.asarray(encoded), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(frozen["null_mask"]), mask)
+  unconditional = task.text_sampler(setup)  # scale 0: the unconditional branch alone.
+  seeds = np.arange(len(PROMPTS)) % 2
+  uncond = unconditional(params, PROMPTS, seeds, np.zeros(len(PROMPTS)))
+  assert uncond.shape == (6, 32, 32, 3) and uncond.dtype == np.uint8
+  np.testing.assert_array_equal(uncond[0], uncond[2])  # every prompt: the same image ...
+  assert not np.array_equal(uncond[0], uncond[1])  # ... per seed.
+  # Guided (scale 2) with the empty prompt: both branches see "" and the result is the
+  # conditional sample of "". It equals the unconditional sample only if the unconditional
+  # branch is the empty prompt's encoding.
+  guided_config = _config(env, guidance="constant", scale=2.0)
+  guided = sampling.TextSampler(text_to_image.Task(guided_config), setup, 8)
+  empty = guided(params, [""] * 2, [0, 1], [0, 0])
+  assert np.abs(empty.astype(int) - uncond[:2].astype(int)).max() <= 1
+  prompted = guided(params, PROMPTS[:2], [0, 1], [0, 0])
+  assert np.abs(prompted.astype(int) - empty.astype(int)).mean() > 1.0  # the prompt matters.
+
+
+def test_sampling_does_not_depend_on_batch_size_or_device_count(env, eight):
+  task, setup, params, _ = eight
+  seeds = [3, 3, 4, 5, 3, 4]
+  on_eight = task.text_sampler(setup)(params, PROMPTS, seeds)  # batch 8: one padded batch.
+  config = _config(env, guidance="constant", scale=0.0, batch_size=4)
+  one_task, one_setup = _setup(config, jax.devices()[:1])
+  params_on_one = jax.device_put(jax.device_get(params), one_setup.state_shardings.params)
+  on_one = one_task.text_sampler(one_setup)(params_on_one, PROMPTS, seeds)  # 4 a batch, 1 device.
+  np.testing.assert_array_equal(on_one, on_eight)
+  again = task.text_sampler(setup)(params, PROMPTS[3:], seeds[3:], np.arange(3, 6))
+  np.testing.assert_array_equal(again, on_eight[3:])  # sample j: (prompt, seed, index) only.
+
+
+def test_sample_mode_writes_one_png_per_prompt_and_seed_and_the_protocol(env, eight, tmp_path):
+  task, setup, params, state = eight
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a photo of a seven\r\n\na photo of a 2\n")
+  task.config.sample.update(dict(prompts=str(prompts), seed=5, name="mine"))
+  out = sampling.sample_mode(task, builder.RunContext(setup, state, 7), str(tmp_path))
+  folder = tmp_path / "samples" / "mine"
+  assert out["folder"] == str(folder) and out["num_samples"] == 6
+  protocol = json.loads((folder / "protocol.json").read_text())
+  assert protocol["samples"][:2] == [
+      {"file": "images/00000_seed5.png", "prompt": "a photo of a seven", "prompt_index": 0,
+       "seed": 5},
+      {"file": "images/00000_seed6.png", "prompt": "a photo of a seven", "prompt_index": 0,
+       "seed": 6}]
+  assert [s["prompt"] for s in protocol["samples"]][2:] == ["", "", "a photo of a 2",
+                                                           "a photo of a 2"]
+  for key, value in dict(sampler="ddim", steps=2, guidance="constant", seeds=[5, 6],
+                         negative_prompt="", checkpoint_step=7, ema=True,
+                         guidance_scales=[0.0, 0.0]).items():
+    assert protocol[key] == value, key
+  images = [np.asarray(Image.open(folder / s["file"])) for s in protocol["samples"]]
+  assert all(im.shape == (32, 32, 3) for im in images)
+  direct = task.text_sampler(setup)(params, ["a photo of a 2"], [6], [2])
+  np.testing.assert_array_equal(images[5], direct[0])
+  assert (folder / "grid.png").exists()
+  from ascan_jax.tools import clip_score  # the reader of sample directories.
+  _, samples = clip_score.read_protocol(str(folder))
+  assert len(samples) == 6
+
+
+def test_prerequisites_chain_the_stages_and_warm_start_the_last(env, tmp_path, monkeypatch):
+  monkeypatch.setenv("ASCAN_CACHE", str(tmp_path / "cache"))
+  from configs import t2i_common
+  chain = t2i_common.get_config("runlocal")
+  assert [e.split("=")[0] for e in chain.stages.previous] == ["stage1_single_digits",
+                                                            "stage2_scenes64"]
+  config = _config(env)
+  spec = env["config_path"]
+  config.stages.previous = (f"first={spec}", f"second={spec}")
+  task = tasks.get_task(config)
+  with pytest.raises(tasks.TaskError, match="workdir"):
+    task.prerequisites()
+  workdir = tmp_path / "run"
+  shutil.copytree(env["stage_a"], workdir / "stages" / "first")  # a finished first stage.
+  runs = task.prerequisites(str(workdir))
+  assert [d for _, d in runs] == [str(workdir / "stages" / "second")]
+  assert runs[0][0].init_from.workdir == str(workdir / "stages" / "first")
+  assert config.init_from.workdir == str(workdir / "stages" / "second")
+  config.stages.previous = ("no/name=x.py",)
+  with pytest.raises(cv.ConfigError, match="config.stages.previous"):
+    text_to_image.check_config(config)
+
+
+def test_config_errors_name_the_key(env):
+  config = _config(env)
+  config.text.encoder_dir = ""
+  with pytest.raises(cv.ConfigError, match="config.text.encoder_dir"):
+    text_to_image.check_config(config)
+  config = _config(env, guidance="ramp", steps=2)
+  with pytest.raises(cv.ConfigError, match="config.sample: guidance interval"):
+    text_to_image.check_config(config)
+  config = _config(env)
+  config.data.width = 36
+  with pytest.raises(cv.ConfigError, match="config.data.width: 36 is not divisible by 16"):
+    text_to_image.check_config(config)
+  config = _config(env)
+  config.model.context_dim = 48
+  with pytest.raises(tasks.TaskError, match="context_dim=48 but the text encoder"):
+    tasks.get_task(config).frozen_spec()
+
+
+def test_init_from_refuses_a_checkpoint_of_another_shape(env):
+  config = _config(env)
+  config.model.channels = (16, 32, 48)
+  config.init_from.workdir = env["stage_a"]
+  task = tasks.get_task(config)
+  setup = builder.build(task, config, None, with_frozen=False)
+  with pytest.raises(init_from.InitFromError) as err:  # checked before anything is read.
+    init_from.warm_start(setup.abstract_state, setup.state_shardings, config.init_from,
+                         setup.mesh)
+  message = str(err.value)
+  assert "have another shape" in message
+  assert "unet/down3_downsample/conv/kernel" in message and "(3, 3, 32, 32)" in message
+  assert "adapter/" not in message  # the adapter is unchanged.
+
+
+def _losses(workdir):
+  rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in rows}
+
+
+def _wait(proc, workdir, lines, checkpoint, timeout=600):
+  path = os.path.join(workdir, "metrics.jsonl")
+  start = time.time()
+  while time.time() - start < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
+    done = os.path.isdir(os.path.join(workdir, "checkpoints", str(checkpoint)))
+    if done and os.path.exists(path) and len(_losses(workdir)) >= lines:
+      return
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, tmp_path):
+  spec = _write_config(str(tmp_path), env["encoder"], 8)
+  workdir = str(tmp_path / "stage_b")
+  args = [sys.executable, "main.py", f"--config={spec}", f"--workdir={workdir}",
+          f"--config.init_from.workdir={env['stage_a']}"]
+  run_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                 JAX_PLATFORMS="cpu")
+  run_env.setdefault("ASCAN_COMPILATION_CACHE", os.path.join(helpers.REPO, ".jax_cache"))
+  proc = subprocess.Popen(args, cwd=helpers.REPO, env=run_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait(proc, workdir, 5, 3)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = _losses(workdir)
+  checkpoints = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  report = os.path.join(workdir, "init_from.json")
+  warm_started = os.stat(report).st_mtime_ns
+  second = subprocess.run(args, cwd=helpers.REPO, env=run_env, capture_output=True, text=True,
+                          timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from step" in second.stdout + second.stderr
+  assert os.stat(report).st_mtime_ns == warm_started  # resumed, not warm-started again.
+  after = _losses(workdir)
+  assert sorted(after) == list(range(1, 9))
+  assert any(s > max(checkpoints) for s in before), (before, checkpoints)  # some are redone.
+  for step in before:  # steps after the checkpoint were trained twice: bit-identical.
+    assert after[step] == before[step], (step, before[step], after[step])
