@@ -19,16 +19,19 @@ only needs a warm start); 2d continues 2c's batch and lr for 50K iterations; eve
 up for 1000 steps to a constant lr, weight decay 0.01, gradient clipping 1.0, EMA 0.9999; each
 stage warm-starts from the previous one's EMA parameters (``init_from``). Samples: Heun, 30
 steps, the paper's "sampled cfg" ramp (1.1 -> 3.6 on steps 5..30; the paper gives no T2I
-sampler, this is its class-conditional one). Stage 2d trains on aspect-ratio buckets (the data
-issue's bucket machinery); until that lands it trains at 1024² with the offset noise.
+sampler, this is its class-conditional one). Every stage reads a caption latent cache with
+its text embeddings (``tools.cache_latents --input=... --text_encoder=FLAN_T5_DIR``, in
+``latents/t2i_*``): stages 1 to 2c one square bucket (``--buckets=''``), stage 2d the SDXL buckets
+at the 1024² area (``--buckets=sdxl``); the task batches one bucket per global batch.
 
 ``runlocal``: the same chain at toy size on a 2-core CPU, pixel space, from the embedded digit
 scenes (``data.digit_scenes``): stage 1 single white digits with synonym captions ("a photo of a
-seven", the ImageNet-as-T2I analogue) at 32², stage 2 scenes at 64², stage 3 scenes at a fixed
-64x96 aspect with offset noise 0.05 (the bucket machinery is not there yet). Space-to-depth by
-4 keeps the UNet's input 8x8 / 16x16 / 16x24 tokens of 48 channels (a 48-wide first level, so
-the stem is no bottleneck), so one set of weights serves every stage and ``init_from`` loads all
-of it. A small T5 with random weights (2 layers,
+seven", the ImageNet-as-T2I analogue) at 32², stage 2 scenes at 64², stage 3 scenes on
+aspect-ratio buckets 64x64, 64x96 and 96x64 (scenes rendered at those canvases; one bucket per
+global batch, ``data.buckets``) with offset noise 0.05, its held-out loss and samples at 64x64.
+Space-to-depth by 4 keeps the UNet's input 8x8 / 16x16 / 16x24 tokens of 48 channels (a 48-wide
+first level, so the stem is no bottleneck), so one set of weights serves every stage and
+``init_from`` loads all of it. A small T5 with random weights (2 layers,
 width 64) stands in for Flan-T5, frozen; its sentencepiece tokenizer is a word model trained on
 the scenes' captions (each caption word one token, at most 18 tokens, ``text.max_length=24``).
 Beta_end is 0.02 throughout (pixel space: the class-conditional runlocal's choice). The digit
@@ -53,7 +56,7 @@ RUNLOCAL_STAGES = {
     # stage: (name, scene mode, height, width, steps, lr, offset noise)
     "1": ("stage1_single_digits", "single_digit", 32, 32, 2000, 1e-3, 0.0),
     "2": ("stage2_scenes64", "scenes", 64, 64, 1500, 5e-4, 0.0),
-    "3": ("stage3_aspect64x96", "scenes", 64, 96, 400, 2.5e-4, 0.05),
+    "3": ("stage3_buckets64", "scenes", 64, 64, 400, 2.5e-4, 0.05),
 }
 
 
@@ -74,9 +77,9 @@ def paper_stage(stage: str):
   c.optim.peak_lr = c.optim.end_lr = lr
   c.diffusion.beta_end = 0.01 if resolution < 512 else 0.02
   c.diffusion.offset_noise = offset
-  c.data.name = "cache"
-  c.data.cache_dir = f"latents/t2i_{'imagenet_' if stage == '1' else ''}{resolution}"
-  c.data.latent_dir = c.data.cache_dir
+  c.data.name = "cache"  # SDXL-VAE latents + Flan-T5-XXL embeddings (module docstring).
+  c.data.latent_dir = ("latents/t2i_imagenet_256" if stage == "1" else
+                       f"latents/t2i_{resolution}{'_buckets' if stage == '2d' else ''}")
   c.data.height = c.data.width = resolution
   c.text.cached = True
   c.text.encoder_dir = "flan-t5-xxl"  # for sampling prompts (a transformers directory).
@@ -119,6 +122,8 @@ def runlocal_stage(stage: str):
   d.scene_mode = mode
   d.height, d.width = height, width
   d.patch = 4
+  if stage == "3":
+    d.buckets = ("64x64", "64x96", "96x64")
   d.num_train_examples = 50_000
   d.num_eval_examples = 500
   c.diffusion.beta_end = 0.02

@@ -51,6 +51,9 @@ def get_config(arg=None):
 '''
 
 
+STEPS = 8  # of stage A and of the stage killed and resumed.
+
+
 def _write_config(directory, encoder, steps):
   path = os.path.join(directory, f"t2i_tiny_{steps}.py")
   with open(path, "w") as f:
@@ -60,11 +63,12 @@ def _write_config(directory, encoder, steps):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """The stand-in encoder, the tiny config file and a finished 2-step stage ('stage A', run by
-  main.py: its compiled step is then in the compilation cache for the SIGKILL test's runs)."""
+  """The stand-in encoder, the tiny config file and a finished 8-step stage ('stage A', run by
+  main.py: its compiled step, of the same config, is then in the compilation cache for the
+  SIGKILL test's runs)."""
   root = tmp_path_factory.mktemp("t2i")
   encoder = root / "t5"
-  config_path = _write_config(str(root), encoder, 2)
+  config_path = _write_config(str(root), encoder, STEPS)
   config = diffusion_task.load_config_file(config_path)
   text_to_image.make_standin_encoder(str(encoder), config)
   stage_a = str(root / "stage_a")
@@ -279,7 +283,7 @@ def _wait(proc, workdir, lines, checkpoint, timeout=600):
 
 
 def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, tmp_path):
-  spec = _write_config(str(tmp_path), env["encoder"], 8)
+  spec = env["config_path"]  # stage A's config (compiled already), warm-started from stage A.
   workdir = str(tmp_path / "stage_b")
   args = [sys.executable, "main.py", f"--config={spec}", f"--workdir={workdir}",
           f"--config.init_from.workdir={env['stage_a']}"]
@@ -301,7 +305,83 @@ def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, t
   assert "resumed from step" in second.stdout + second.stderr
   assert os.stat(report).st_mtime_ns == warm_started  # resumed, not warm-started again.
   after = _losses(workdir)
-  assert sorted(after) == list(range(1, 9))
+  assert sorted(after) == list(range(1, STEPS + 1))
   assert any(s > max(checkpoints) for s in before), (before, checkpoints)  # some are redone.
   for step in before:  # steps after the checkpoint were trained twice: bit-identical.
     assert after[step] == before[step], (step, before[step], after[step])
+
+
+def test_trains_on_buckets_from_the_caption_latent_cache_with_cached_text(env, tmp_path):
+  """A handful of single-digit scenes at two aspect ratios, cached by tools.cache_latents (a
+  random VAE, the stand-in T5): every batch is one bucket, its text fields are the cache's
+  embeddings (no encoder in the step), and four steps train with one compilation per bucket."""
+  from ascan_jax.data import caption_sources
+  from ascan_jax.data import latents
+  from ascan_jax.data import pipeline
+  from ascan_jax.models import vae as vae_lib
+  from ascan_jax.modes import train as train_mode
+  from ascan_jax.tools import cache_latents
+  from ascan_jax.tools import make_random_vae
+  vae_dir, cache = str(tmp_path / "vae"), str(tmp_path / "cache")
+  make_random_vae.make_random_vae(vae_dir, vae_lib.VAEConfig(
+      block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4), seed=0)
+  data = caption_sources.data_config()
+  data.scenes.sizes, data.scenes.mode = ("32x32", "32x48"), "single_digit"
+  data.scenes.train_examples = 32
+  cache_latents.cache_captions(data, vae_dir, cache, ["train"], table=((32, 32), (32, 48)),
+                               text_encoder=str(env["encoder"]), max_length=16, batch_size=16,
+                               records_per_shard=16, progress=False)
+  config = _config(env)
+  config.data.update(dict(name="cache", latent_dir=cache, height=32, width=32))
+  config.text.cached = True
+  config.total_steps = config.checkpoint.every_steps = 4
+  text_to_image.check_config(config)
+  task = tasks.get_task(config)
+  assert task.sample_shape() == (16, 16, 4)  # the square bucket's latents.
+  assert sorted(task.frozen_spec()) == ["null_mask", "null_text"]  # no encoder in the step.
+  table = latents.CaptionLatentSource(cache, "train").text_table()
+  shapes = []
+  for batch in task.train_batches(pipeline.Sharding(0, 1), 4):
+    shapes.append(batch["latent"].shape)
+    assert "input_ids" not in batch and batch["text_embedding"].shape == (8, 16, 32)
+    for caption, embedding, mask in zip(batch["caption"], batch["text_embedding"],
+                                        batch["text_mask"]):
+      expected, expected_mask = table.lookup(caption)
+      np.testing.assert_array_equal(embedding, expected)
+      np.testing.assert_array_equal(mask, expected_mask)
+  assert sorted(set(shapes)) == [(8, 16, 16, 4), (8, 16, 24, 4)]
+  workdir = tmp_path / "run"
+  train_mode.train(task, config, str(workdir))
+  rows = helpers.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
+  assert rows[-1]["perf/step_compilations"] == 2
+  config.text.max_length = 12
+  with pytest.raises(tasks.TaskError, match="16 tokens x 32 wide"):
+    tasks.get_task(config).num_train_examples()
+
+
+def test_the_aspect_ratio_stage_batches_one_bucket_of_tokenized_scenes_per_step(env):
+  """Pixel space with data.buckets (runlocal stage 3's path): scenes rendered at the bucket
+  canvases, one bucket per global batch, captions tokenized on the host."""
+  from ascan_jax.data import pipeline
+  from configs import t2i_common
+  for stage in t2i_common.RUNLOCAL_STAGES:
+    text_to_image.check_config(t2i_common.get_config(f"runlocal,stage={stage}"))
+  assert t2i_common.get_config("runlocal,stage=3").data.buckets
+  config = _config(env)
+  config.data.update(dict(buckets=("32x32", "32x48", "48x32"), num_train_examples=48))
+  text_to_image.check_config(config)
+  task = tasks.get_task(config)
+  shapes = []
+  for batch in task.train_batches(pipeline.Sharding(0, 1), 6):
+    shapes.append(batch["image"].shape)
+    assert batch["image"].dtype == np.uint8 and batch["mask"].tolist() == [1.0] * 8
+    ids, mask = task.tokenize(list(batch["caption"]))
+    np.testing.assert_array_equal(batch["input_ids"], ids)
+    np.testing.assert_array_equal(batch["text_mask"], mask)
+  assert sorted(set(shapes)) == [(8, 32, 32, 3), (8, 32, 48, 3), (8, 48, 32, 3)]
+  config.data.buckets = ("32x32", "32x40")
+  with pytest.raises(cv.ConfigError, match="config.data.buckets: bucket '32x40' is not divisible"):
+    text_to_image.check_config(config)

@@ -14,10 +14,11 @@ Text, two ways (``text.cached``):
   (int32 ``[B, L]``), and ``preprocess`` runs the frozen, sharded encoder inside the jitted step.
   Captions stay on the host (``host_fields``).
 * **cached** (``True``): the batch already carries ``text_embedding`` (float32 or bfloat16
-  ``[B, L, D]``, the encoder's last hidden state) and ``text_mask`` (int32 ``[B, L]``, 1 = token),
-  the field contract of the latent/embedding cache (data issue); no encoder runs in the step.
-  ``text.encoder_dir`` is still needed to encode the empty prompt once and new prompts for
-  sampling (loaded when first needed).
+  ``[B, L, D]``, the encoder's last hidden state, zeros past the prompt's tokens) and
+  ``text_mask`` (int32 ``[B, L]``, 1 = token), read from the text-embedding cache
+  (``data.text_cache``) that ``tools.cache_latents --text_encoder=...`` writes next to a caption
+  latent cache; no encoder runs in the step. ``text.encoder_dir`` is still needed to encode the
+  empty prompt once and new prompts for sampling (loaded when first needed).
 
 Classifier-free guidance: with probability ``text.caption_dropout`` (0.1) an example's caption is
 replaced by the empty prompt, at the embedding level: ``(text_embedding, text_mask)`` become the
@@ -25,12 +26,24 @@ encoder's output for the empty prompt (``""``, i.e. ``[EOS]``), held as frozen a
 (``null_text``, ``null_mask``). Sampling's unconditional branch uses the encoding of
 ``sample.negative_prompt`` (default ``""``: the same empty prompt).
 
-Data: ``data.name = embedded_digit_scenes`` (``data.digit_scenes``: captioned colour scenes of
-real MNIST digits at ``data.height`` x ``data.width``, ``data.scene_mode`` ``scenes`` or
-``single_digit``, the ImageNet-as-text-to-image analogue). Pixel space (images in [-1, 1],
-space-to-depth by ``data.patch``, as the class-conditional task) or, with ``data.latent_dir``, VAE
-latents in the field ``latent`` (decoded with ``sample.vae_dir``). A real caption cache is the
-data issue's; ``data.name = cache`` names it and says so until it exists.
+Data (``data.name``):
+* ``embedded_digit_scenes``: ``data.digit_scenes``' captioned colour scenes of real MNIST digits
+  at ``data.height`` x ``data.width`` (``data.scene_mode`` ``scenes`` or ``single_digit``, the
+  ImageNet-as-text-to-image analogue), pixel space (images in [-1, 1], space-to-depth by
+  ``data.patch``, as the class-conditional task). With ``data.buckets`` (``("HxW", ...)``) the
+  training scenes are drawn at the canvas sizes ``data.scene_sizes`` (default: the buckets;
+  ``caption_sources.ScenesSource`` interleaves them), each cropped and resized to its nearest
+  bucket (``caption_pp.CaptionImageCodec``), and every global batch comes from one bucket
+  (``buckets.BucketPlan`` through ``pipeline.train_dataset``): SDXL's aspect-ratio training. The
+  held-out loss, grids and samples stay at ``data.height`` x ``data.width``.
+* ``cache``: the caption latent cache at ``data.latent_dir`` (``data.latents`` format 2, written
+  by ``tools.cache_latents --input=...``): VAE latents stored at their aspect-ratio bucket, read
+  with ``latents.CaptionLatentSource`` / ``CaptionLatentCodec`` and batched one bucket per global
+  batch (``BucketPlan`` over the cache's bucket side files). ``text.cached=True`` reads the
+  prompts' embeddings from the cache's text table; ``False`` tokenizes the drawn prompt on the
+  host. Samples are latents of the bucket nearest ``data.height`` x ``data.width``, decoded with
+  ``sample.vae_dir`` (default: the VAE the cache names). The held-out loss reads the eval split's
+  records of its most common bucket.
 
 Stand-in encoder: with ``text.random_encoder.create``, a missing ``text.encoder_dir`` is filled
 with a small T5 with random weights and a sentencepiece tokenizer trained on the scenes'
@@ -57,6 +70,9 @@ from ascan_jax import compute
 from ascan_jax import config_defaults
 from ascan_jax import config_validation as cv
 from ascan_jax import fileio
+from ascan_jax.data import buckets as buckets_lib
+from ascan_jax.data import caption_pp
+from ascan_jax.data import caption_sources
 from ascan_jax.data import digit_scenes
 from ascan_jax.data import latents as latents_lib
 from ascan_jax.data import pipeline
@@ -79,7 +95,7 @@ from ascan_jax.tasks import diffusion as diffusion_task
 from ascan_jax.tasks import evaluators as evaluators_lib
 from ascan_jax.tasks import text_to_image_sampling as sampling
 
-DATA_NAMES = ("embedded_digit_scenes", "cache")
+DATA_NAMES = ("embedded_digit_scenes", "cache")  # module docstring.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -143,8 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_eval_examples = 1000
   c.data.scene_seed = 0
   c.data.tag_weights = ()  # ((tag, weight), ...) of the scene generator; empty: uniform.
-  c.data.cache_dir = ""  # data.name=cache: the latent + text embedding cache (data issue).
-  c.data.latent_dir = ""  # set: train on VAE latents (field 'latent').
+  c.data.latent_dir = ""  # data.name=cache: the caption latent (+ text embedding) cache.
+  c.data.buckets = ()  # pixel space: ("HxW", ...) aspect-ratio buckets; empty: height x width.
+  c.data.scene_sizes = ()  # with buckets: the scenes' canvas sizes ("HxW", ...); empty: buckets.
   c.data.latent_channels = 4  # the latent shape when no cache is there (summary, bench).
   c.data.latent_downsample = 8
   c.data.channels = 3
@@ -217,13 +234,33 @@ def check_config(config) -> None:
   cv.check_choice(config, "data.name", DATA_NAMES)
   cv.check_choice(config, "data.scene_mode", digit_scenes.MODES)
   cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
-  if not data.latent_dir:
+  cached = data.name == "cache"
+  cv.require(cached == bool(data.latent_dir), "data.latent_dir",
+             "data.name=cache reads the caption latent cache at data.latent_dir (and only it "
+             f"does): data.name={data.name!r}, data.latent_dir={data.latent_dir!r}")
+  cv.require(cached or not t.cached, "text.cached",
+             "cached text embeddings come from the caption latent cache: set data.name=cache and "
+             "data.latent_dir")
+  if not cached:
     factor = 2 ** (len(m.channels) - 1) * data.patch
     for key in ("height", "width"):
       cv.require(data[key] % factor == 0, f"data.{key}",
                  f"{data[key]} is not divisible by {factor} (the UNet's {len(m.channels)} "
                  f"levels x data.patch {data.patch})")
     cv.require(data.channels in (1, 3), "data.channels", "must be 1 or 3")
+    for key in ("buckets", "scene_sizes"):
+      for size in data[key]:
+        try:
+          h, w = caption_sources.parse_size(size)
+        except ValueError as e:
+          raise cv.ConfigError(f"config.data.{key}: {e}") from None
+        cv.require(key == "scene_sizes" or (h % factor == 0 and w % factor == 0),
+                   f"data.{key}", f"bucket {size!r} is not divisible by {factor} (the UNet's "
+                   f"{len(m.channels)} levels x data.patch {data.patch})")
+    cv.require(not data.scene_sizes or bool(data.buckets), "data.scene_sizes",
+               "scene canvas sizes are for aspect-ratio buckets (data.buckets)")
+    cv.require(not data.buckets or data.channels == 3, "data.channels",
+               "aspect-ratio buckets give RGB images (data.channels=3)")
   for i, pair in enumerate(data.tag_weights):
     cv.require(isinstance(pair, (tuple, list)) and len(pair) == 2
                and pair[0] in digit_scenes.TAGS, "data.tag_weights",
@@ -236,7 +273,8 @@ def check_config(config) -> None:
 
 class TokenizeCaption:
   """pp op: ``caption`` -> ``input_ids`` and ``text_mask`` (int32 ``[max_length]``) with the T5
-  tokenizer of ``directory``; the tokenizer loads on first use (picklable for grain workers)."""
+  tokenizer of ``directory``; the tokenizer loads on first use (picklable for grain workers).
+  ``encode(texts, max_length)`` makes it a tokenizer for ``caption_pp`` codecs too."""
 
   def __init__(self, directory: str, max_length: int):
     self.directory, self.max_length = directory, int(max_length)
@@ -245,10 +283,10 @@ class TokenizeCaption:
   def __getstate__(self):
     return {"directory": self.directory, "max_length": self.max_length, "_tokenizer": None}
 
-  def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
+  def encode(self, texts, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     if self._tokenizer is None:
       self._tokenizer = t5_tokenizer.T5Tokenizer.from_directory(self.directory)
-    return self._tokenizer.encode(list(texts), self.max_length)
+    return self._tokenizer.encode(list(texts), max_length or self.max_length)
 
   def __call__(self, example: dict, rng=None) -> dict:
     ids, mask = self.encode([example["caption"]])
@@ -256,49 +294,67 @@ class TokenizeCaption:
 
 
 class CaptionCodec:
-  """Records -> the batch fields of the text-to-image task (see the module docstring).
-
-  Images stay uint8 at their rendered size (no flip: captions say "left of"); latents pass
-  through ``LatentCodec``-scaled; captions are tokenized (online) or the cached embedding and
-  mask pass through (cached).
-  """
+  """Scene records -> the pixel-space batch fields of the task at one size: ``image`` uint8 at
+  the rendered size (no flip: captions say "left of"), ``caption`` (host-only), ``input_ids``
+  and ``text_mask`` (see the module docstring)."""
 
   def __init__(self, task):
     c = task.config
-    self.cached = c.text.cached
-    self.input_key = task.input_key()
-    self.tokenize = None if self.cached else TokenizeCaption(c.text.encoder_dir,
-                                                             c.text.max_length)
-    self._latents = (latents_lib.LatentCodec(task.latent_meta, flip=False)
-                     if task.latent_meta is not None else None)
+    self.tokenize = TokenizeCaption(c.text.encoder_dir, c.text.max_length)
     self._placeholder = {k: np.zeros(v.shape[1:], v.dtype)
                          for k, v in task.input_spec(1).items() if k != "mask"}
     self._placeholder["caption"] = ""
 
-  def _encode(self, example: dict, rng) -> dict:
-    out = {"caption": str(example.get("caption", ""))}
-    if self._latents is not None:
-      latent = self._latents.train(example, rng) if rng is not None else \
-          self._latents.eval(example)
-      out["latent"] = latent["latent"]
-    else:
-      out["image"] = np.ascontiguousarray(np.asarray(example["image"], np.uint8))
-    if self.cached:
-      out["text_embedding"] = np.asarray(example["text_embedding"], np.float32)
-      out["text_mask"] = np.asarray(example["text_mask"], np.int32)
-    else:
-      out = self.tokenize(out)
+  def _encode(self, example: dict) -> dict:
+    out = {"caption": str(example.get("caption", "")),
+           "image": np.ascontiguousarray(np.asarray(example["image"], np.uint8))}
+    out = self.tokenize(out)
     return {k: out[k] for k in self._placeholder}
 
   def train(self, example: dict, rng) -> dict:
-    return self._encode(example, rng)
+    return self._encode(example)
 
   def eval(self, example: dict) -> dict:
-    return self._encode(example, None)
+    return self._encode(example)
 
-  def placeholder(self) -> dict:
+  def placeholder(self, bucket: int | None = None) -> dict:
     return {k: (np.copy(v) if isinstance(v, np.ndarray) else v)
             for k, v in self._placeholder.items()}
+
+
+class TokenizedCaptionLatentCodec(latents_lib.CaptionLatentCodec):
+  """``latents.CaptionLatentCodec`` for online text encoding (``text.cached=False`` on a caption
+  latent cache): the drawn prompt is tokenized (``input_ids``, ``text_mask``) instead of looked
+  up in the text-embedding table, so a cache without text embeddings serves too."""
+
+  def __init__(self, meta: dict, tokenize: TokenizeCaption):
+    super().__init__(meta, None)
+    self.tokenize = tokenize
+
+  def _fields(self, latent: np.ndarray, caption: str) -> dict:
+    ids, mask = self.tokenize.encode([caption])
+    return {"latent": latent, "input_ids": ids[0], "text_mask": mask[0], "caption": caption}
+
+  def placeholder(self, bucket: int | None = None) -> dict:
+    shape = self.latent_buckets[0 if bucket is None else int(bucket)]
+    length = self.tokenize.max_length
+    return {"latent": np.zeros(shape, np.float32), "input_ids": np.zeros(length, np.int32),
+            "text_mask": np.zeros(length, np.int32), "caption": ""}
+
+
+class RecordSubset:
+  """The records ``indices`` of ``source`` (the held-out loss of a bucketed cache reads one
+  bucket, so that every evaluation batch has one shape)."""
+
+  def __init__(self, source, indices, what: str):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.description = f"{source.description}, {what} ({len(self.indices)} records)"
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def load(self, i: int) -> dict:
+    return self.source.load(int(self.indices[i]))
 
 
 def scene_source(config, split: str, *, mode: str | None = None, num_examples: int | None = None,
@@ -386,13 +442,18 @@ class Task(base.Task):
                                                kind=d.schedule)
     self.latent_meta = None
     if config.data.latent_dir:
+      d = config.data
       try:
-        self.latent_meta = latents_lib.read_metadata(config.data.latent_dir)
+        meta = latents_lib.read_caption_metadata(d.latent_dir)
       except sources.DatasetNotFoundError as e:  # summary/bench need no data.
-        h, w = config.data.height, config.data.width
-        f = config.data.latent_downsample
-        self.latent_meta = {"latent_shape": [h // f, w // f, config.data.latent_channels],
-                            "missing": str(e)}
+        f = d.latent_downsample
+        shape = [d.height // f, d.width // f, d.latent_channels]
+        meta = {"image_buckets": [[d.height, d.width]], "latent_buckets": [shape],
+                "missing": str(e)}
+      # Samples (and summary, bench) use the bucket nearest data.height x data.width.
+      b = buckets_lib.nearest_bucket(d.height, d.width,
+                                     [tuple(x) for x in meta["image_buckets"]])
+      self.latent_meta = {**meta, "latent_shape": list(meta["latent_buckets"][b])}
     self.model = self.build_model()
     self._sources = {}
     self._encoder = None  # (T5Encoder, params) once loaded outside the frozen weights.
@@ -595,28 +656,92 @@ class Task(base.Task):
 
   # ---- data --------------------------------------------------------------------------------
   def source(self, split: str):
+    """The split's records: scenes at one size, scenes at the bucket canvases (training with
+    ``data.buckets``) or the caption latent cache (``data.name=cache``)."""
     if split not in self._sources:
-      if self.config.data.name == "cache":
-        raise sources.DatasetNotFoundError(
-            f"config.data.name='cache' (data.cache_dir={self.config.data.cache_dir!r}): the "
-            "reader of the latent + text-embedding cache is the data issue's and is not "
-            "available yet; it must give records with 'latent' (or 'image'), 'text_embedding' "
-            "[L, D], 'text_mask' [L] and 'caption'")
-      self._sources[split] = scene_source(self.config, split)
+      d = self.config.data
+      if d.name == "cache":
+        self._sources[split] = self._cache_source(split)
+      elif d.buckets and split == d.train_split:
+        self._sources[split] = caption_sources.ScenesSource(
+            split, d.scene_sizes or d.buckets, d.num_train_examples, mode=d.scene_mode,
+            seed=d.scene_seed, holdout_fraction=d.holdout_fraction)
+      else:
+        self._sources[split] = scene_source(self.config, split)
     return self._sources[split]
 
-  def codec(self) -> CaptionCodec:
+  def _cache_source(self, split: str):
+    """The cache's split, checked against the model (latent channels, UNet divisibility) and,
+    with ``text.cached``, the text table (width, tokens)."""
+    d, m = self.config.data, self.config.model
+    if "missing" in self.latent_meta:
+      raise sources.DatasetNotFoundError(self.latent_meta["missing"])
+    src = latents_lib.CaptionLatentSource(d.latent_dir, split)
+    factor = 2 ** (len(m.channels) - 1)
+    channels = self.sample_shape()[-1]
+    for h, w, c in src.meta["latent_buckets"]:
+      if h % factor or w % factor or c != channels:
+        raise base.TaskError(
+            f"the caption latent cache {d.latent_dir} has a {h}x{w}x{c} latent bucket; the UNet "
+            f"needs sides divisible by {factor} ({len(m.channels)} levels) and {channels} "
+            "channels")
+    if self.config.text.cached:
+      table = src.text_table()
+      if table.dim != m.context_dim or table.max_length != self.config.text.max_length:
+        raise base.TaskError(
+            f"the text embeddings of {d.latent_dir}/{split} are {table.max_length} tokens x "
+            f"{table.dim} wide; config.text.max_length={self.config.text.max_length} and "
+            f"config.model.context_dim={m.context_dim} must match them")
+    return src
+
+  def codec(self, split: str | None = None):
+    """The codec of ``split``'s source (default: the training split)."""
+    c, d = self.config, self.config.data
+    split = split or d.train_split
+    if d.name == "cache":
+      src = self.source(split)
+      if c.text.cached:
+        return latents_lib.CaptionLatentCodec(src.meta, src.text_table())
+      return TokenizedCaptionLatentCodec(src.meta,
+                                         TokenizeCaption(c.text.encoder_dir, c.text.max_length))
+    if d.buckets and split == d.train_split:
+      table = [caption_sources.parse_size(b) for b in d.buckets]
+      return caption_pp.CaptionImageCodec(
+          table=table, tokenizer=TokenizeCaption(c.text.encoder_dir, c.text.max_length),
+          max_length=c.text.max_length)
     return CaptionCodec(self)
+
+  def bucket_plan(self):
+    """The ``buckets.BucketPlan`` of the training split, or None (one size)."""
+    d = self.config.data
+    src = self.source(d.train_split)
+    if d.name == "cache":
+      ids, n = src.bucket_ids(), len(src.meta["latent_buckets"])
+    elif d.buckets:
+      table = [caption_sources.parse_size(b) for b in d.buckets]
+      ids, n = buckets_lib.compute_bucket_ids(src, table), len(table)
+    else:
+      return None
+    plan = buckets_lib.BucketPlan(ids, self.config.batch_size, self.config.seed, num_buckets=n)
+    if jax.process_index() == 0:
+      print(f"aspect-ratio buckets of {src.description}: {plan.summary()}", flush=True)
+    return plan
 
   def num_train_examples(self) -> int:
     return len(self.source(self.config.data.train_split))
 
   def train_batches(self, sharding, total_steps: int, start_step: int = 0):
-    return pipeline.train_dataset(self.source(self.config.data.train_split), self.codec(),
-                                  self.config, sharding, total_steps, start_step)
+    split = self.config.data.train_split
+    return pipeline.train_dataset(self.source(split), self.codec(split), self.config, sharding,
+                                  total_steps, start_step, plan=self.bucket_plan())
 
   def eval_batches(self, sharding, split: str):
-    return pipeline.eval_dataset(self.source(split), self.codec(), self.config, sharding)
+    src = self.source(split)
+    if self.config.data.name == "cache":  # one bucket: every batch has one shape.
+      ids = src.bucket_ids()
+      b = int(np.bincount(ids[ids >= 0]).argmax())
+      src = RecordSubset(src, np.flatnonzero(ids == b), f"bucket {b}")
+    return pipeline.eval_dataset(src, self.codec(split), self.config, sharding)
 
   # ---- training ----------------------------------------------------------------------------
   def _apply(self, params, model_state, x_t, t, batch, **kwargs):
@@ -671,10 +796,11 @@ class Task(base.Task):
     if self.latent_meta is None:
       p = self.config.data.patch
       return (lambda _, x0: generate.to_uint8(diffusion_task.depth_to_space(x0, p))), None
-    if not self.config.sample.vae_dir:
+    vae_dir = self.config.sample.vae_dir or self.latent_meta.get("vae_dir", "")
+    if not vae_dir:
       raise ValueError("config.sample.vae_dir: latent samples need the VAE that decodes them")
     from ascan_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    model, params = vae_lib.from_pretrained(self.config.sample.vae_dir)
+    model, params = vae_lib.from_pretrained(vae_dir)
 
     def decode(vae_params, z):
       return generate.to_uint8(vae_lib.decode(model, vae_params,

@@ -70,7 +70,7 @@ def sample_schema() -> ml_collections.ConfigDict:
   c.seed = 0
   c.ema = True
   c.batch_size = 64
-  c.vae_dir = ""  # latents: the diffusers VAE that decodes samples.
+  c.vae_dir = ""  # latents: the diffusers VAE that decodes samples (empty: the cache's VAE).
   c.clip_denoised = 0.0  # > 0: clip x0 estimates to [-c, c] (pixel space: 1.0).
   c.name = ""  # --mode=sample: DIR/samples/<name>; empty: step<N>_<protocol tag>.
   return c
