@@ -36,17 +36,23 @@ def test_adapter_is_two_one_head_blocks_and_ignores_the_padding():
 
 
 def test_t2i_network_reads_the_text_through_the_adapter_with_the_mask():
-  model = t2i.from_variant("tiny", down_layout="C-T-T", mid_layout="T", attention_impl="xla")
+  # The tiny variant cut to two levels (compile time): one T block per level and in the middle.
+  model = t2i.from_variant("tiny", channels=(16, 32), down_layout="C-T", mid_layout="T",
+                           attention_impl="xla")
   assert model.adapter.num_blocks == 2 and model.adapter.num_heads == 1
-  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   t = jnp.array([10.0, 700.0])
   text = jax.random.normal(jax.random.key(1), (2, 3, 32))
   padded, mask = _padded(text, 8)
-  variables = jax.jit(model.init)(jax.random.key(2), x, t, padded, mask)
-  assert sorted(variables["params"]) == ["adapter", "unet"]
-  # The zero-initialised output layer would hide everything: give it weights.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
-                        nn.unbox(variables["params"]))
+  shapes = jax.eval_shape(model.init, jax.random.key(2), x, t, padded, mask)["params"]
+  assert sorted(shapes) == ["adapter", "unet"]
+  # Random weights everywhere (the zero-initialised output layer would hide everything; vectors,
+  # i.e. norm scales and biases, near one), and no compiled initialiser: only the forward pass
+  # is compiled.
+  leaves, tree = jax.tree.flatten(nn.unbox(shapes))
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [float(s.ndim == 1) + 0.05 * jax.random.normal(k, s.shape)
+                                     for k, s in zip(keys, leaves)])
   apply = jax.jit(model.apply)
   eps = apply({"params": params}, x, t, padded, mask)
   other_padding = padded.at[:, 3:].set(-padded[:, 3:])
@@ -54,3 +60,6 @@ def test_t2i_network_reads_the_text_through_the_adapter_with_the_mask():
                              atol=1e-5)
   other_prompt = padded.at[:, :3].add(1.0)
   assert float(jnp.abs(apply({"params": params}, x, t, other_prompt, mask) - eps).max()) > 1e-3
+  # The UNet reads the adapter's output, not the raw text.
+  moved = {**params, "adapter": jax.tree.map(lambda p: p + 0.1, params["adapter"])}
+  assert float(jnp.abs(apply({"params": moved}, x, t, padded, mask) - eps).max()) > 1e-3
