@@ -104,7 +104,8 @@ def test_caption_dropout_rate_and_the_cached_field_contract(env):
   n, length, width = 20000, 4, 3
   text = jax.random.normal(jax.random.key(0), (n, length, width)).astype(jnp.bfloat16)
   mask = jnp.ones((n, length), jnp.int32)
-  frozen = {"null_text": jnp.full((1, length, width), 7.0), "null_mask": jnp.asarray([[1, 0, 0, 0]])}
+  frozen = {"null_text": jnp.full((1, length, width), 7.0),
+            "null_mask": jnp.asarray([[1, 0, 0, 0]])}
   batch = {"text_embedding": text, "text_mask": mask}
   out = jax.jit(lambda b, k: task.preprocess(frozen, b, k, True))(batch, jax.random.key(1))
   dropped = np.all(np.asarray(out["text_embedding"]) == 7.0, axis=(1, 2))
@@ -112,7 +113,8 @@ def test_caption_dropout_rate_and_the_cached_field_contract(env):
   assert rate == 0.1
   sigma = np.sqrt(rate * (1 - rate) / n)
   assert abs(dropped.mean() - rate) < 4 * sigma, dropped.mean()
-  np.testing.assert_array_equal(np.asarray(out["text_mask"])[dropped], [[1, 0, 0, 0]] * dropped.sum())
+  np.testing.assert_array_equal(np.asarray(out["text_mask"])[dropped],
+                                [[1, 0, 0, 0]] * dropped.sum())
   kept = ~dropped
   np.testing.assert_array_equal(np.asarray(out["text_embedding"])[kept],
                                 np.asarray(text.astype(jnp.float32))[kept])
@@ -336,6 +338,7 @@ def test_trains_on_buckets_from_the_caption_latent_cache_with_cached_text(env, t
   config.data.update(dict(name="cache", latent_dir=cache, height=32, width=32))
   config.text.cached = True
   config.total_steps = config.checkpoint.every_steps = 4
+  config.model.update(dict(channels=(16, 32), down_layout="C-T", mid_layout="T"))  # quicker.
   text_to_image.check_config(config)
   task = tasks.get_task(config)
   assert task.sample_shape() == (16, 16, 4)  # the square bucket's latents.
