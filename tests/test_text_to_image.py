@@ -354,6 +354,18 @@ def test_trains_on_buckets_from_the_caption_latent_cache_with_cached_text(env, t
       np.testing.assert_array_equal(embedding, expected)
       np.testing.assert_array_equal(mask, expected_mask)
   assert sorted(set(shapes)) == [(8, 16, 16, 4), (8, 16, 24, 4)]
+  # The held-out loss reads one bucket (16 records of each here: the first), in one batch.
+  [held_out] = list(task.eval_batches(pipeline.Sharding(0, 1), "train"))
+  assert held_out["latent"].shape == (16, 16, 16, 4) and held_out["mask"].tolist() == [1.0] * 16
+  # Online text on the same cache: the drawn prompt is tokenized on the host.
+  online = config.copy_and_resolve_references()
+  online.text.cached = False
+  online_task = tasks.get_task(online)
+  batch = next(iter(online_task.train_batches(pipeline.Sharding(0, 1), 1)))
+  assert "text_embedding" not in batch
+  ids, mask = online_task.tokenize(list(batch["caption"]))
+  np.testing.assert_array_equal(batch["input_ids"], ids)
+  np.testing.assert_array_equal(batch["text_mask"], mask)
   workdir = tmp_path / "run"
   train_mode.train(task, config, str(workdir))
   rows = helpers.read_jsonl(workdir / "metrics.jsonl")
