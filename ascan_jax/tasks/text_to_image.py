@@ -47,8 +47,7 @@ Data (``data.name``):
 
 Stand-in encoder: with ``text.random_encoder.create``, a missing ``text.encoder_dir`` is filled
 with a small T5 with random weights and a sentencepiece tokenizer trained on the scenes'
-captions (what ``tools.make_random_t5`` writes; tasks cannot import tools, see
-``make_standin_encoder``).
+captions (``models.t5_random``, as ``tools.make_random_t5``; see ``make_standin_encoder``).
 
 Stages: ``stages.previous`` lists earlier stage configs (``"name=path.py:arg"``). They are
 prerequisite runs in ``DIR/stages/<name>``, each warm-starting from the one before
@@ -57,7 +56,6 @@ paper (§6.4) as one command. Evaluators, grids and ``--mode=sample``: ``tasks.t
 """
 from __future__ import annotations
 
-import io
 import os
 
 import flax.linen as nn
@@ -86,6 +84,7 @@ from ascan_jax.models import hf_checkpoint
 from ascan_jax.models import layout as layout_lib
 from ascan_jax.models import t2i
 from ascan_jax.models import t5
+from ascan_jax.models import t5_random
 from ascan_jax.models import text_adapter
 from ascan_jax.models import unet as unet_lib
 from ascan_jax.parallel import mesh as mesh_lib
@@ -210,7 +209,7 @@ def check_config(config) -> None:
   cv.require(0.0 <= t.caption_dropout < 1.0, "text.caption_dropout", "must be in [0, 1)")
   cv.require(t.max_length >= 2, "text.max_length", "must be >= 2 (a token and EOS)")
   cv.check_choice(config, "text.param_dtype", ("float32", "bfloat16"))
-  cv.check_choice(config, "text.random_encoder.tokenizer", ("unigram", "word", "bpe"))
+  cv.check_choice(config, "text.random_encoder.tokenizer", t5_random.TOKENIZER_TYPES)
   cv.require(bool(t.encoder_dir) or t.cached, "text.encoder_dir",
              "online text encoding (text.cached=False) needs the T5 encoder directory")
   cv.require(m.adapter_blocks >= 1 and m.adapter_heads >= 1, "model.adapter_blocks",
@@ -374,37 +373,23 @@ def scene_source(config, split: str, *, mode: str | None = None, num_examples: i
 def make_standin_encoder(directory: str, config) -> None:
   """Writes a random-weight T5 encoder and a sentencepiece tokenizer trained on scene captions.
 
-  The same files as ``tools.make_random_t5`` (which tasks cannot import: it is a layer above):
-  ``spiece.model`` (``random_encoder.tokenizer``: unigram as T5's, or word, which gives every
-  word of the small caption vocabulary one token; T5's ids pad 0, EOS 1, unk 2, no BOS),
-  ``config.json`` and
-  ``model.safetensors`` from ``models.t5``'s initialisers. The corpus is ``corpus_size`` training
-  captions of each scene mode at 64x64 with seed 0, so every stage of a chain that names the
-  same directory gets the same encoder. Written to a temporary folder and renamed (atomic).
+  ``models.t5_random`` (what ``tools.make_random_t5`` writes): ``spiece.model``
+  (``random_encoder.tokenizer``: unigram as T5's, or word, which gives every word of the small
+  caption vocabulary one token), ``config.json`` and ``model.safetensors``, plus the corpus in
+  ``corpus.txt``. The corpus is ``corpus_size`` training captions of each scene mode at 64x64 with
+  seed 0, so every stage of a chain that names the same directory gets the same encoder. Written
+  to a temporary folder and renamed (atomic).
   """
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   r = config.text.random_encoder
   lines = []
   for mode in digit_scenes.MODES:
     src = digit_scenes.DigitScenesSource("train", height=64, width=64,
                                          num_examples=r.corpus_size, seed=0, mode=mode)
     lines += [src.load(i)["caption"] for i in range(r.corpus_size)]
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.Train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=r.vocab_size,
-      model_type=r.tokenizer, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-      hard_vocab_limit=False, num_threads=1, minloglevel=2)
   tmp = f"{directory.rstrip('/')}.tmp{os.getpid()}"
-  os.makedirs(tmp, exist_ok=True)
-  with open(os.path.join(tmp, t5_tokenizer.SPIECE_NAME), "wb") as f:
-    f.write(model.getvalue())
-  tokenizer = t5_tokenizer.T5Tokenizer(os.path.join(tmp, t5_tokenizer.SPIECE_NAME))
-  vocab = -(-tokenizer.vocab_size // 128) * 128
-  t5_config = t5.T5Config(vocab_size=vocab, d_model=r.d_model, d_kv=r.d_kv, d_ff=r.d_ff,
-                          num_layers=r.num_layers, num_heads=r.num_heads,
-                          feed_forward_proj="gated-gelu")
-  params = t5.init_params(t5.T5Encoder(t5_config), jax.random.key(r.seed))
-  t5.save_pretrained(tmp, t5_config, params)
+  t5_random.make_random_t5(tmp, lines=lines, vocab_size=r.vocab_size, seed=r.seed,
+                           tokenizer_type=r.tokenizer, d_model=r.d_model, d_kv=r.d_kv,
+                           d_ff=r.d_ff, num_layers=r.num_layers, num_heads=r.num_heads)
   with open(os.path.join(tmp, "corpus.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)

@@ -4,7 +4,8 @@
 --d_model=64 --d_kv=16 --d_ff=128 --num_layers=2 --num_heads=4 --feed_forward_proj=gated-gelu
 --seed=0]``
 
-DIR gets what a Flan-T5 download holds, at toy size: ``spiece.model`` (a sentencepiece unigram
+The files are ``models.t5_random``'s (shared with the text-to-image task's stand-in). DIR gets
+what a Flan-T5 download holds, at toy size: ``spiece.model`` (a sentencepiece unigram
 model with T5's special ids pad 0, EOS 1, unk 2 and no BOS, trained on ``--corpus``, one caption
 a line, or on a built-in corpus of generated captions), ``config.json`` (a ``T5EncoderModel``)
 and ``model.safetensors`` (or shards with an index, ``--max_shard_bytes``). The weights come
@@ -17,7 +18,6 @@ no meaning. ``--vocab_size`` is an upper bound: a small corpus yields fewer piec
 """
 from __future__ import annotations
 
-import io
 import itertools
 import os
 
@@ -25,11 +25,11 @@ from absl import app
 from absl import flags
 import jax
 
-from ascan_jax.data import t5_tokenizer
 from ascan_jax.models import t5
+from ascan_jax.models import t5_random
+from ascan_jax.models.t5_random import train_spiece  # pylint: disable=unused-import (re-export)
 
 FLAGS = flags.FLAGS
-VOCAB_MULTIPLE = 128
 
 # The built-in corpus: every combination of these, a few hundred caption-like lines.
 _STYLES = ("a photo of", "a painting of", "a watercolor of", "a sketch of", "a 3d render of",
@@ -61,37 +61,9 @@ def read_corpus(path: str) -> list[str]:
   return lines
 
 
-def train_spiece(lines: list[str], vocab_size: int) -> bytes:
-  """A serialized sentencepiece unigram model with T5's special ids (pad 0, EOS 1, unk 2)."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.Train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-      hard_vocab_limit=False, num_threads=1, minloglevel=2)
-  return model.getvalue()
-
-
-def make_random_t5(out: str, *, lines: list[str] | None = None, vocab_size: int = 256,
-                   seed: int = 0, max_shard_bytes: int | None = None,
-                   **config_kwargs) -> t5.T5Config:
-  """Writes ``spiece.model``, ``config.json`` and the weights to ``out``; returns the config.
-  ``config_kwargs`` are ``T5Config`` fields (``vocab_size`` is derived from the tokenizer;
-  ``feed_forward_proj`` defaults to Flan-T5's ``gated-gelu``)."""
-  config_kwargs.setdefault("feed_forward_proj", "gated-gelu")
-  if vocab_size < 4:
-    raise ValueError(f"vocab_size must be at least 4 (pad, EOS, unk and one piece), got "
-                     f"{vocab_size}")
-  t5.T5Config(**config_kwargs)  # bad sizes fail before anything is written.
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, t5_tokenizer.SPIECE_NAME), "wb") as f:
-    f.write(train_spiece(lines or default_corpus(), vocab_size))
-  tokenizer = t5_tokenizer.T5Tokenizer(os.path.join(out, t5_tokenizer.SPIECE_NAME))
-  model_vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-  config = t5.T5Config(vocab_size=model_vocab, **config_kwargs)
-  params = t5.init_params(t5.T5Encoder(config), jax.random.key(seed))
-  t5.save_pretrained(out, config, params, max_shard_bytes=max_shard_bytes)
-  return config
+def make_random_t5(out: str, *, lines: list[str] | None = None, **kwargs) -> t5.T5Config:
+  """``models.t5_random.make_random_t5`` with the built-in corpus when ``lines`` is None."""
+  return t5_random.make_random_t5(out, lines=lines or default_corpus(), **kwargs)
 
 
 def _define_flags():
