@@ -365,6 +365,18 @@ def test_summary_mode_counts_a_tiny_model():
   assert "MACs / example" in summary_lib.format_table(out)
 
 
+def test_bench_mode_measures_frames_per_second_of_a_tiny_model():
+  """--mode=bench on the segmentation task (no data.image_size: the input shape is reported)."""
+  from ascan_jax.modes import bench  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.bench.batch_sizes = (1,)
+  config.bench.train_batch_size = 0
+  config.bench.update(dict(warmup=1, repeats=2, min_seconds=0.0))
+  out = bench.run_benchmark(segmentation.Task(config), config)
+  assert out["input_shapes"]["image"] == [SIZE, SIZE, 3] and out["image_size"] is None
+  assert out["inference"]["1"]["examples_per_second"] > 0
+
+
 def test_fit_and_pad_keeps_image_and_labels_aligned():
   """A 64x128 record fitted into 32x32 (factor 1/4, 16 rows of padding). The labels are constant
   on aligned 4x4 blocks, so the bilinear image (mean of source pixels 4i+1, 4i+2) and the nearest

@@ -93,7 +93,9 @@ def run_benchmark(task, config) -> dict:
   result = {
       "task": config.task, "device_kind": device.device_kind, "platform": device.platform,
       "num_devices": jax.device_count(), "compute_dtype": jnp.dtype(dtype).name,
-      "image_size": config.data.image_size if "data" in config else None,
+      "image_size": config.data.get("image_size") if "data" in config else None,
+      "input_shapes": {k: list(v.shape[1:]) for k, v in task.input_spec(1, train=False).items()
+                       if len(v.shape) > 1},
       "attention_impl": config.model.attention_impl if "model" in config else None,
       "params": params, "macs_per_example": macs, "gflops_per_example": 2.0 * macs / 1e9,
       "peak_flops_per_device": peak, "peak_source": peak_source,
