@@ -285,10 +285,19 @@ def _wait(proc, workdir, lines, checkpoint, timeout=600):
 
 
 def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, tmp_path):
-  spec = env["config_path"]  # stage A's config (compiled already), warm-started from stage A.
+  """A two-stage chain run by main.py (``stages.previous``, as ``configs/t2i.py:runlocal``): the
+  finished first stage sits in ``WORKDIR/stages/a``, so the run warm-starts from it, is killed,
+  and resumes. Stage A's config is compiled already; the chain's last stage is the same config."""
+  spec = os.path.join(str(tmp_path), "chain.py")
+  with open(spec, "w") as f:
+    f.write("import importlib.util\n"
+            f"_s = importlib.util.spec_from_file_location('tiny', {env['config_path']!r})\n"
+            "_m = importlib.util.module_from_spec(_s)\n_s.loader.exec_module(_m)\n\n\n"
+            "def get_config(arg=None):\n  c = _m.get_config(arg)\n"
+            f"  c.stages.previous = ('a={env['config_path']}',)\n  return c\n")
   workdir = str(tmp_path / "stage_b")
-  args = [sys.executable, "main.py", f"--config={spec}", f"--workdir={workdir}",
-          f"--config.init_from.workdir={env['stage_a']}"]
+  shutil.copytree(env["stage_a"], os.path.join(workdir, "stages", "a"))  # a finished stage.
+  args = [sys.executable, "main.py", f"--config={spec}", f"--workdir={workdir}"]
   run_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                  JAX_PLATFORMS="cpu")
   run_env.setdefault("ASCAN_COMPILATION_CACHE", os.path.join(helpers.REPO, ".jax_cache"))
@@ -300,6 +309,8 @@ def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, t
   before = _losses(workdir)
   checkpoints = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   report = os.path.join(workdir, "init_from.json")
+  with open(report) as f:  # the chain's last stage warm-started from the stage before it.
+    assert os.path.join(workdir, "stages", "a") in f.read()
   warm_started = os.stat(report).st_mtime_ns
   second = subprocess.run(args, cwd=helpers.REPO, env=run_env, capture_output=True, text=True,
                           timeout=600)

@@ -16,7 +16,7 @@ from ascan_jax.train import builder
 def evaluate(task, config, workdir: str) -> dict:
   context = builder.restore(task, config, workdir, config.checkpoint.step)
   task.preflight("eval")
-  prerequisites.ensure(task)
+  prerequisites.ensure(task, workdir)
   evaluators = task.make_evaluators(context.setup)
   results = {"step": context.step,
              **train_mode.run_evaluators(evaluators, context.state, context.setup, context.step,

@@ -10,11 +10,11 @@ from __future__ import annotations
 from absl import logging
 
 
-def ensure(task) -> None:
-  """Trains every unfinished prerequisite of ``task`` in its own workdir."""
+def ensure(task, workdir: str) -> None:
+  """Trains every unfinished prerequisite of ``task`` (run in ``workdir``) in its own workdir."""
   from ascan_jax import tasks  # pylint: disable=g-import-not-at-top
   from ascan_jax.modes import train as train_mode  # pylint: disable=g-import-not-at-top
-  for config, workdir in task.prerequisites():
-    logging.info("prerequisite: training %s in %s", config.task, workdir)
-    print(f"prerequisite: training the {config.task} run in {workdir}", flush=True)
-    train_mode.train(tasks.get_task(config), config, workdir)
+  for config, prereq_dir in task.prerequisites(workdir):
+    logging.info("prerequisite: training %s in %s", config.task, prereq_dir)
+    print(f"prerequisite: training the {config.task} run in {prereq_dir}", flush=True)
+    train_mode.train(tasks.get_task(config), config, prereq_dir)

@@ -160,7 +160,7 @@ def say(line: str) -> None:
 def train(task, config, workdir: str):
   """Trains (or resumes) until ``total_steps``; returns the final state. Raises
   ``Interrupted`` after writing a checkpoint when SIGTERM or Ctrl-C stopped it."""
-  prerequisites.ensure(task)
+  prerequisites.ensure(task, workdir)
   sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
   setup = builder.build(task, config, task.num_train_examples())
   total = setup.durations.total_steps

@@ -170,8 +170,11 @@ class Task(abc.ABC):
         self.eval_batches(sharding, e.split or self.config.data.eval_split)
 
   # ---- optional modes ----------------------------------------------------------------------
-  def prerequisites(self) -> list[tuple[ml_collections.ConfigDict, str]]:
-    """``(config, workdir)`` runs that must be trained before this one (e.g. a judge)."""
+  def prerequisites(self, workdir: str | None = None
+                    ) -> list[tuple[ml_collections.ConfigDict, str]]:
+    """``(config, workdir)`` runs that must be trained before this one (e.g. a judge, or the
+    earlier stages of a chain, placed under this run's ``workdir``)."""
+    del workdir
     return []
 
   def sample(self, context, workdir: str) -> dict:

@@ -453,8 +453,9 @@ class Task(base.Task):
                                                  self.config.sample.batch_size)
     return self._generators[key]
 
-  def prerequisites(self):
+  def prerequisites(self, workdir: str | None = None):
     """The judge classifier of each ``diffusion_samples`` evaluator with ``train_judge``."""
+    del workdir  # its runs have their own workdirs in the config.
     from ascan_jax.tasks import judge as judge_lib  # pylint: disable=g-import-not-at-top
     out = []
     for name in self.config.evals.keys():

@@ -390,8 +390,9 @@ class Task(base.Task):
     return seg_evaluators.build(self, setup)
 
   # ---- prerequisites and pictures ----------------------------------------------------------
-  def prerequisites(self):
+  def prerequisites(self, workdir: str | None = None):
     """The classification run that initialises the backbone, when it has not finished yet."""
+    del workdir  # its runs have their own workdirs in the config.
     p = self.config.backbone_pretrain
     if not p.train_if_missing:
       return []
