@@ -2,7 +2,8 @@
 
 Modes: ``train`` (default; resumes from DIR if it holds a checkpoint), ``eval`` (the latest or
 ``--config.checkpoint.step``), ``summary`` (parameters, MACs, memory), ``bench`` (throughput,
-MFU), ``sample`` (generative tasks). The config is validated before anything is written: an
+MFU), ``sample`` (generative tasks), ``geneval`` (text-to-image: GenEval's prompts in GenEval's
+layout, ``--config.eval.geneval_metadata=FILE``). The config is validated before anything is written: an
 unknown key, a wrong type or an impossible value stops the run with one message naming the key.
 Multi-host: on Cloud TPU and under SLURM the distributed runtime starts by itself; elsewhere pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
@@ -19,7 +20,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "bench", "sample"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "bench", "sample", "geneval"],
                   "What to do.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -59,7 +60,7 @@ def _check_workdir() -> None:
   """Before anything else: a --workdir that cannot be used is one line, and nothing is written."""
   from ascan_jax import fileio
   try:
-    fileio.check_workdir(FLAGS.workdir, must_exist=FLAGS.mode in ("eval", "sample"))
+    fileio.check_workdir(FLAGS.workdir, must_exist=FLAGS.mode in ("eval", "sample", "geneval"))
   except fileio.WorkdirError as e:
     _fail(str(e))
 
@@ -75,7 +76,7 @@ def _log_to_file() -> str:
     log_dir = os.path.join(FLAGS.workdir, "logs")
   if FLAGS["alsologtostderr"].present or FLAGS["logtostderr"].value:
     return ""
-  if FLAGS.mode in ("eval", "sample"):  # read-only modes write no log file into the run.
+  if FLAGS.mode in ("eval", "sample", "geneval"):  # read-only modes write no log file into the run.
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     return ""
@@ -156,6 +157,9 @@ def _run(config, task):
   elif FLAGS.mode == "sample":
     from ascan_jax.modes import sample
     sample.sample(task, config, FLAGS.workdir)
+  elif FLAGS.mode == "geneval":
+    from ascan_jax.modes import geneval
+    geneval.geneval(task, config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

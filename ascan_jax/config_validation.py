@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-_MODES = ("train", "eval", "summary", "bench", "sample")
+_MODES = ("train", "eval", "summary", "bench", "sample", "geneval")
 _SCHEDULES = ("cosine", "constant", "linear", "poly")
 
 

@@ -60,3 +60,50 @@ TINY_CLASSIFIER = [
     "--config.model.widths=(16,32,64,64)", "--config.model.stem_width=16",
     "--config.model.head_dim=16", "--config.model.embed_dim=64", "--config.batch_size=32",
     "--config.eval_batch_size=200", "--config.log.every_steps=10"]
+
+# A text-to-image stage small enough for tests: the runlocal stage 1 (single digits at 32x32,
+# patch 4) with a tiny UNet and a tiny stand-in encoder. Written to a file, so main.py runs the
+# same config.
+TINY_T2I_CONFIG = '''
+import ml_collections
+from configs import t2i_common
+
+
+def get_config(arg=None):
+  c = t2i_common.runlocal_stage("1")
+  c.model.update(dict(channels=(16, 32, 32), down_layout="C-T-T", mid_layout="T", head_dim=16,
+                      context_dim=32, norm_groups=8))
+  c.text.update(dict(encoder_dir={encoder!r}, max_length=16))
+  c.text.random_encoder.update(dict(create=False, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                    num_heads=4, corpus_size=100))
+  c.data.update(dict(num_train_examples=256, num_eval_examples=16))
+  c.batch_size, c.eval_batch_size, c.total_steps = 8, 16, {steps}
+  c.optim.warmup_steps = 2
+  c.log.every_steps = 1
+  c.log.tensorboard = False
+  c.checkpoint.every_steps = 3
+  c.sample.update(dict(sampler="ddim", steps=2, batch_size=8, num_seeds=2))
+  c.evals = ml_collections.ConfigDict()  # evaluators run at the last step: none, to save time.
+  return c
+'''
+
+
+def write_tiny_t2i_config(directory, encoder, steps):
+  """Writes ``TINY_T2I_CONFIG`` (stand-in encoder at ``encoder``) to a file; returns its path."""
+  path = os.path.join(str(directory), f"t2i_tiny_{steps}.py")
+  with open(path, "w") as f:
+    f.write(TINY_T2I_CONFIG.format(encoder=str(encoder), steps=steps))
+  return path
+
+
+def train_tiny_t2i(root, steps=8):
+  """The stand-in encoder, the tiny config file and a finished ``steps``-step run (by main.py)
+  under ``root``: ``(encoder dir, config path, workdir)``."""
+  from ascan_jax.tasks import diffusion as diffusion_task
+  from ascan_jax.tasks import text_to_image
+  encoder = os.path.join(str(root), "t5")
+  config_path = write_tiny_t2i_config(root, encoder, steps)
+  text_to_image.make_standin_encoder(encoder, diffusion_task.load_config_file(config_path))
+  workdir = os.path.join(str(root), "stage_a")
+  run_main(f"--config={config_path}", f"--workdir={workdir}")
+  return encoder, config_path, workdir

@@ -25,40 +25,10 @@ from ascan_jax.train import builder
 from ascan_jax.train import init_from
 from tests import helpers
 
-# A stage small enough for tests: the runlocal stage 1 (single digits at 32x32, patch 4) with a
-# tiny UNet and a tiny stand-in encoder. Written to a file, so main.py runs the same config.
-CONFIG_TEXT = '''
-import ml_collections
-from configs import t2i_common
-
-
-def get_config(arg=None):
-  c = t2i_common.runlocal_stage("1")
-  c.model.update(dict(channels=(16, 32, 32), down_layout="C-T-T", mid_layout="T", head_dim=16,
-                      context_dim=32, norm_groups=8))
-  c.text.update(dict(encoder_dir={encoder!r}, max_length=16))
-  c.text.random_encoder.update(dict(create=False, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                    num_heads=4, corpus_size=100))
-  c.data.update(dict(num_train_examples=256, num_eval_examples=16))
-  c.batch_size, c.eval_batch_size, c.total_steps = 8, 16, {steps}
-  c.optim.warmup_steps = 2
-  c.log.every_steps = 1
-  c.log.tensorboard = False
-  c.checkpoint.every_steps = 3
-  c.sample.update(dict(sampler="ddim", steps=2, batch_size=8, num_seeds=2))
-  c.evals = ml_collections.ConfigDict()  # evaluators run at the last step: none, to save time.
-  return c
-'''
-
-
 STEPS = 8  # of stage A and of the stage killed and resumed.
 
 
-def _write_config(directory, encoder, steps):
-  path = os.path.join(directory, f"t2i_tiny_{steps}.py")
-  with open(path, "w") as f:
-    f.write(CONFIG_TEXT.format(encoder=str(encoder), steps=steps))
-  return path
+_write_config = helpers.write_tiny_t2i_config
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +37,8 @@ def env(tmp_path_factory):
   main.py: its compiled step, of the same config, is then in the compilation cache for the
   SIGKILL test's runs)."""
   root = tmp_path_factory.mktemp("t2i")
-  encoder = root / "t5"
-  config_path = _write_config(str(root), encoder, STEPS)
-  config = diffusion_task.load_config_file(config_path)
-  text_to_image.make_standin_encoder(str(encoder), config)
-  stage_a = str(root / "stage_a")
-  helpers.run_main(f"--config={config_path}", f"--workdir={stage_a}")
-  return dict(root=root, encoder=encoder, config_path=config_path, stage_a=stage_a)
+  _, config_path, stage_a = helpers.train_tiny_t2i(root, STEPS)
+  return dict(root=root, encoder=root / "t5", config_path=config_path, stage_a=stage_a)
 
 
 def _config(env, **sample):

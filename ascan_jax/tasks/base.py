@@ -22,7 +22,7 @@ What a task supplies:
 * ``loss_fn``; evaluation (``eval_batches``, ``eval_fn`` returning array-valued *sums*,
   ``summarize_eval``, ``make_evaluators`` for the evaluators named in ``config.evals``);
 * optional: ``prerequisites`` (runs to train first, e.g. a judge classifier), ``sample``
-  (``--mode=sample``), ``bench_extra`` (task-specific benchmark rows).
+  (``--mode=sample``), ``geneval`` (``--mode=geneval``), ``bench_extra`` (task-specific benchmark rows).
 """
 from __future__ import annotations
 
@@ -180,6 +180,10 @@ class Task(abc.ABC):
   def sample(self, context, workdir: str) -> dict:
     """``--mode=sample``."""
     raise TaskError(f"task {self.name!r} has no --mode=sample")
+
+  def geneval(self, context, workdir: str) -> dict:
+    """``--mode=geneval``: samples of GenEval's prompts in GenEval's layout."""
+    raise TaskError(f"task {self.name!r} has no --mode=geneval (text-to-image tasks have)")
 
   def bench_extra(self, result: dict, make_context) -> dict:
     """Task-specific entries of ``--mode=bench`` (e.g. whole samples per second);

@@ -52,7 +52,8 @@ captions (``models.t5_random``, as ``tools.make_random_t5``; see ``make_standin_
 Stages: ``stages.previous`` lists earlier stage configs (``"name=path.py:arg"``). They are
 prerequisite runs in ``DIR/stages/<name>``, each warm-starting from the one before
 (``init_from``), and this run warm-starts from the last of them: the multi-stage chain of the
-paper (§6.4) as one command. Evaluators, grids and ``--mode=sample``: ``tasks.text_to_image_sampling``.
+paper (§6.4) as one command. Evaluators, grids and ``--mode=sample``: ``tasks.text_to_image_sampling``;
+``--mode=geneval`` (``config.eval``): ``tasks.text_to_image_geneval``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ from ascan_jax.parallel import sharding as sharding_lib
 from ascan_jax.tasks import base
 from ascan_jax.tasks import diffusion as diffusion_task
 from ascan_jax.tasks import evaluators as evaluators_lib
+from ascan_jax.tasks import text_to_image_geneval as geneval_lib
 from ascan_jax.tasks import text_to_image_sampling as sampling
 
 DATA_NAMES = ("embedded_digit_scenes", "cache")  # module docstring.
@@ -173,6 +175,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.holdout_fraction = 0.2
 
   c.sample = sampling.sample_schema()
+  c.eval = geneval_lib.geneval_schema()  # --mode=geneval.
 
   c.evals.val = config_defaults.dataset_evaluator()  # eval/loss, eval/ema_loss, eval/loss_t<k>
   c.evals.val.every_steps = 10000
@@ -410,6 +413,7 @@ class Task(base.Task):
   @classmethod
   def validate(cls, config, *, num_devices, num_processes, mode):
     check_config(config)
+    geneval_lib.check_geneval_config(config, mode)
 
   @classmethod
   def evaluator_schemas(cls):
@@ -843,6 +847,9 @@ class Task(base.Task):
 
   def sample(self, context, workdir: str) -> dict:
     return sampling.sample_mode(self, context, workdir)
+
+  def geneval(self, context, workdir: str) -> dict:
+    return geneval_lib.export(self, context, workdir)
 
   def bench_extra(self, result: dict, make_context) -> dict:
     s = self.config.sample
