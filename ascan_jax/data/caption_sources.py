@@ -401,7 +401,8 @@ def config_for_input(spec: str, base: ml_collections.ConfigDict | None = None
     if is_dir and (path / "metadata.json").exists():
       c.name = "caption_array_record"
     elif is_dir and ((path / METADATA_JSONL).exists()
-                     or any((path / d / METADATA_JSONL).exists() for d in ("train",))):
+                     or any((path / d / METADATA_JSONL).exists()
+                            for d in ("train", "validation", "test"))):
       c.name = "imagefolder"
     elif is_dir or webdataset.resolve_shards(spec):
       c.name = "webdataset"

@@ -182,6 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.grid = sampling.grid_evaluator_schema()
   c.evals.geneval = sampling.compositional_evaluator_schema()  # off until num_per_tag > 0.
   c.evals.clip = sampling.clip_evaluator_schema()  # off until clip_dir is set.
+  c.evals.caption_fid = sampling.caption_fid_evaluator_schema()  # off until caption_file is set.
 
   c.stages = ml_collections.ConfigDict()
   c.stages.previous = ()  # ("name=configs/x.py:arg", ...): earlier stages, run first (module doc).
@@ -420,7 +421,8 @@ class Task(base.Task):
     return {"dataset": config_defaults.dataset_evaluator,
             "sample_grid": sampling.grid_evaluator_schema,
             "compositional": sampling.compositional_evaluator_schema,
-            "clip_score": sampling.clip_evaluator_schema}
+            "clip_score": sampling.clip_evaluator_schema,
+            "caption_fid": sampling.caption_fid_evaluator_schema}
 
   def __init__(self, config):
     super().__init__(config)

@@ -14,7 +14,9 @@
   ``viz.captioned_grid``), ``compositional`` (samples of held-out digit-scene prompts judged by
   ``eval.compositional`` with the digit classifier ``tasks.judge``: ``eval/geneval_<tag>``,
   ``eval/geneval_overall``) and ``clip_score`` (``eval.clip_score.CLIPScorer`` when
-  ``clip_dir`` is set: ``eval/clip_score``).
+  ``clip_dir`` is set: ``eval/clip_score``) and ``caption_fid`` (one sample per caption of a
+  caption file, seed ``seed + k`` for line ``k``: FID, sFID, IS, precision/recall against
+  reference statistics with ``eval.inception_evaluator``; ``eval/caption_fid``, ...).
 * ``sample_mode``: ``--mode=sample [--config.sample.prompts=FILE]`` writes
   ``DIR/samples/<name>/images/<prompt:05d>_seed<seed>.png`` (one PNG per prompt and seed),
   ``grid.png`` (captioned) and ``protocol.json``: the protocol keys (sampler, steps, spacing,
@@ -39,10 +41,12 @@ from tqdm import tqdm
 from ascan_jax import config_validation as cv
 from ascan_jax import fileio
 from ascan_jax import viz
+from ascan_jax.data import caption_sets
 from ascan_jax.data import digit_scenes
 from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import guidance as guidance_lib
 from ascan_jax.diffusion import samplers
+from ascan_jax.eval import generative_metrics
 from ascan_jax.parallel import sharding as sharding_lib
 
 DEFAULT_GRID_PROMPTS = ("a photo of a seven", "a red three to the left of a blue eight",
@@ -112,6 +116,20 @@ def clip_evaluator_schema() -> ml_collections.ConfigDict:
   return c
 
 
+def caption_fid_evaluator_schema() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.type = "caption_fid"
+  c.every_steps = 50000
+  c.prefix = "eval/caption_"  # eval/caption_fid, eval/caption_sfid, ...
+  c.caption_file = ""  # jsonl {"caption", "image_id"} (tools.make_caption_set); empty: off.
+  c.num_captions = 0  # the file's first N captions (0: all).
+  c.seed = 3  # caption k (0-based line) is drawn with seed + k and noise index k.
+  c.inception_path = ""  # FID Inception safetensors (tools.convert_fid_inception) ...
+  c.reference_path = ""  # ... and the reference images' statistics (tools.compute_reference_stats).
+  c.grid_size = 16  # the first samples, captioned, in DIR/samples/<name>_step<N>.png.
+  return c
+
+
 def check_sample_config(config) -> None:
   s = config.sample
   cv.require(s.sampler in samplers.SAMPLERS, "sample.sampler",
@@ -143,6 +161,12 @@ def check_sample_config(config) -> None:
       if e.train_judge:
         cv.require(bool(e.judge_config), f"{key}.judge_config",
                    "train_judge needs the judge's config (e.g. configs/ascan_t.py:runlocal)")
+    if e.type == "caption_fid":
+      cv.require(e.num_captions >= 0, f"{key}.num_captions", "must be >= 0 (0: all)")
+      if e.caption_file:
+        for k in ("inception_path", "reference_path"):
+          cv.require(bool(e[k]), f"{key}.{k}", "caption-set FID needs the FID Inception "
+                     "(inception_path) and the reference statistics (reference_path)")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -260,16 +284,17 @@ class TextSampler:
         "image_size": [c.data.height, c.data.width],
     }
 
-  def __call__(self, params, prompts, seeds, index=None, progress: bool = False) -> np.ndarray:
-    """uint8 images ``[N, H, W, C]`` for ``prompts[j]`` with ``seeds[j]`` and noise index
-    ``index[j]`` (default: ``j``)."""
+  def chunks(self, params, prompts, seeds, index=None, progress: bool = False):
+    """``(images, count)`` per jitted batch, left on the devices that drew them: uint8
+    ``[batch_size, H, W, C]`` split over the data-parallel devices, whose first ``count`` rows
+    are the next samples (``prompts[j]`` with ``seeds[j]`` and noise index ``index[j]``, default
+    ``j``); the rest repeat the last. Every process passes the same arguments."""
     prompts = list(prompts)
     n = len(prompts)
     seeds = np.broadcast_to(np.asarray(seeds, np.int32), (n,))
     index = np.arange(n, dtype=np.int32) if index is None else np.asarray(index, np.int32)
     ids, mask = self.task.tokenize(prompts)
     null_ids, null_mask = self.task.tokenize([self.config.sample.negative_prompt])
-    out = []
     b = self.batch_size
     for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
       rows = np.arange(start, start + b).clip(max=n - 1)  # the last batch repeats its last row.
@@ -277,10 +302,16 @@ class TextSampler:
                           self._global(mask[rows]), null_ids, null_mask,
                           self._global(seeds[rows]), self._global(index[rows]),
                           int(seeds[start]))
+      yield images, min(b, n - start)
+
+  def __call__(self, params, prompts, seeds, index=None, progress: bool = False) -> np.ndarray:
+    """uint8 images ``[N, H, W, C]`` on every process (see ``chunks``)."""
+    out = []
+    for images, count in self.chunks(params, prompts, seeds, index, progress):
       if jax.process_count() > 1:  # every process gets every sample.
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         images = multihost_utils.process_allgather(images, tiled=True)
-      out.append(np.asarray(jax.device_get(images))[:min(b, n - start)])
+      out.append(np.asarray(jax.device_get(images))[:count])
     return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
 
@@ -408,6 +439,69 @@ class ClipScoreEvaluator:
     return {f"{e.prefix}clip_score": self._scorer.score(images, prompts)["clip_score"]}
 
 
+class CaptionFidEvaluator:
+  """FID, sFID, IS, precision and recall of one sample per caption of a caption file
+  (``data.caption_sets``; e.g. COCO-30K from ``tools.make_caption_set``) against reference
+  statistics. The FID plumbing is the diffusion task's: ``eval.inception_evaluator`` folds each
+  batch into the statistics on the devices that drew it (``TextSampler.chunks``); only the first
+  ``grid_size`` samples leave them (``generate.leading_rows``), for the captioned grid. The
+  protocol (sampler, guidance, checkpoint, the caption file and its sha256, the reference and
+  Inception files and their sha256) is written beside the grid as ``.json``."""
+
+  def __init__(self, name: str, cfg, task, setup):
+    self.name, self.every_steps, self.cfg = name, int(cfg.every_steps), cfg
+    self.task, self.setup = task, setup
+    self._inception = None
+    self._captions = None
+
+  def captions(self) -> list[dict]:
+    if self._captions is None:
+      rows = caption_sets.read(self.cfg.caption_file)
+      self._captions = rows[:self.cfg.num_captions] if self.cfg.num_captions else rows
+    return self._captions
+
+  def run(self, inputs) -> dict:
+    e, s = self.cfg, self.task.config.sample
+    if not e.caption_file:
+      return {}
+    from ascan_jax.eval import inception_evaluator  # pylint: disable=g-import-not-at-top
+    rows = self.captions()
+    if self._inception is None:
+      self._inception = inception_evaluator.InceptionEvaluator(e.inception_path,
+                                                               e.reference_path)
+    inception = self._inception
+    prompts = [r["caption"] for r in rows]
+    n = len(prompts)
+    sampler = self.task.text_sampler(self.setup)
+    stats = inception.start(n)
+    first = []
+    kept = 0
+    for images, count in sampler.chunks(_params(inputs.variants, s.ema), prompts,
+                                        e.seed + np.arange(n), np.arange(n),
+                                        progress=jax.process_index() == 0):
+      inception.add(stats, images, count)
+      if kept < e.grid_size:
+        first.append(generate.leading_rows(images, min(count, e.grid_size - kept)))
+        kept += len(first[-1])
+    metrics = {f"{e.prefix}{k}": v for k, v in inception.finish(stats).items()}
+    protocol = sampler.protocol(step=inputs.step, ema=s.ema, seeds=[e.seed])
+    protocol.update(inception.protocol(n))
+    protocol.update(caption_file=e.caption_file,
+                    caption_file_sha256=generative_metrics.file_sha256(e.caption_file),
+                    num_captions=n, caption_seed=f"caption k (0-based line): seed {e.seed} + k, "
+                    "noise index k", metrics=metrics)
+    name = f"{self.name}_step{inputs.step:07d}_{sampler.tag(s.ema)}"
+    folder = fileio.join(inputs.workdir, "samples")
+    if jax.process_index() == 0:
+      if first:
+        images = np.concatenate(first)
+        _write_grid(fileio.join(folder, f"{name}.png"), images, prompts[:len(images)],
+                    columns=min(8, len(images)))
+      fileio.write_text(fileio.join(folder, f"{name}.json"), json.dumps(protocol, indent=2))
+    metrics[f"{e.prefix}sample_protocol"] = f"samples/{name}.json"
+    return metrics
+
+
 def build_evaluators(task, setup) -> dict:
   """The evaluators of ``config.evals`` of the types of this module."""
   from ascan_jax.tasks import judge as judge_lib  # pylint: disable=g-import-not-at-top
@@ -420,6 +514,8 @@ def build_evaluators(task, setup) -> dict:
       out[name] = CompositionalEvaluator(name, cfg, task, setup, judge_lib.Judge.from_workdir)
     elif cfg.type == "clip_score":
       out[name] = ClipScoreEvaluator(name, cfg, task, setup)
+    elif cfg.type == "caption_fid":
+      out[name] = CaptionFidEvaluator(name, cfg, task, setup)
   return out
 
 
