@@ -3,8 +3,9 @@
 Modes: ``train`` (default; resumes from DIR if it holds a checkpoint), ``eval`` (the latest or
 ``--config.checkpoint.step``), ``summary`` (parameters, MACs, memory), ``bench`` (throughput,
 MFU), ``sample`` (generative tasks), ``geneval`` (text-to-image: GenEval's prompts in GenEval's
-layout, ``--config.eval.geneval_metadata=FILE``). The config is validated before anything is written: an
-unknown key, a wrong type or an impossible value stops the run with one message naming the key.
+layout, ``--config.eval.geneval_metadata=FILE``). The config is validated before anything is
+written: an unknown key, a wrong type or an impossible value stops the run with one message
+naming the key.
 Multi-host: on Cloud TPU and under SLURM the distributed runtime starts by itself; elsewhere pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
 """

@@ -22,7 +22,8 @@ What a task supplies:
 * ``loss_fn``; evaluation (``eval_batches``, ``eval_fn`` returning array-valued *sums*,
   ``summarize_eval``, ``make_evaluators`` for the evaluators named in ``config.evals``);
 * optional: ``prerequisites`` (runs to train first, e.g. a judge classifier), ``sample``
-  (``--mode=sample``), ``geneval`` (``--mode=geneval``), ``bench_extra`` (task-specific benchmark rows).
+  (``--mode=sample``), ``geneval`` (``--mode=geneval``), ``bench_extra`` (task-specific
+  benchmark rows).
 """
 from __future__ import annotations
 

@@ -52,8 +52,9 @@ captions (``models.t5_random``, as ``tools.make_random_t5``; see ``make_standin_
 Stages: ``stages.previous`` lists earlier stage configs (``"name=path.py:arg"``). They are
 prerequisite runs in ``DIR/stages/<name>``, each warm-starting from the one before
 (``init_from``), and this run warm-starts from the last of them: the multi-stage chain of the
-paper (§6.4) as one command. Evaluators, grids and ``--mode=sample``: ``tasks.text_to_image_sampling``;
-``--mode=geneval`` (``config.eval``): ``tasks.text_to_image_geneval``.
+paper (§6.4) as one command. Evaluators, grids and ``--mode=sample``:
+``tasks.text_to_image_sampling``; ``--mode=geneval`` (``config.eval``):
+``tasks.text_to_image_geneval``.
 """
 from __future__ import annotations
 
