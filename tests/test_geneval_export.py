@@ -142,6 +142,11 @@ def test_a_bad_metadata_line_names_the_file_line_and_key(run, tmp_path):
   config.eval.geneval_metadata = str(bad)
   with pytest.raises(tasks.TaskError, match="config.eval.geneval_metadata: .*line 2"):
     geneval.export(tasks.get_task(config), None, str(tmp_path))
+  proc = _export(dict(run, metadata=str(bad)), check=False)  # main.py: one line, exit 2.
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: config.eval.geneval_metadata: {bad}: metadata line 2: include[0]: missing key "
+      "'count'")
 
 
 def test_results_reader_writes_per_tag_and_overall_scores(tmp_path):
