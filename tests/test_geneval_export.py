@@ -53,10 +53,10 @@ def run(tmp_path_factory):
   return dict(root=root, config_path=config_path, workdir=workdir, metadata=str(metadata))
 
 
-def _export(run, *extra, check=True):
+def _export(run, *extra, check=True, devices=1):
   return helpers.run_main(f"--config={run['config_path']}", f"--workdir={run['workdir']}",
                           "--mode=geneval", f"--config.eval.geneval_metadata={run['metadata']}",
-                          *extra, check=check)
+                          *extra, check=check, devices=devices)
 
 
 def _walk_like_geneval(out):
@@ -101,12 +101,12 @@ def test_export_has_genevals_layout_and_resumes_only_unfinished_prompts(run):
   assert f"python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl" in proc.stdout
   assert f"python evaluation/summary_scores.py {out}/results.jsonl" in proc.stdout
 
-  # Resume: one missing sample -> only its prompt is drawn again, identically.
+  # Resume on 8 devices: one missing sample -> only its prompt is drawn again, identically.
   lost = os.path.join(out, "00003", "samples", "0002.png")
   before = np.asarray(Image.open(lost))
   os.remove(lost)
   mtimes = _mtimes(out)
-  proc = _export(run)
+  proc = _export(run, devices=8)
   assert "(9 already there)" in proc.stdout
   after = _mtimes(out)
   changed = sorted(k for k in after if after[k] != mtimes.get(k))
