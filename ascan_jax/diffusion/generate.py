@@ -43,6 +43,14 @@ from ascan_jax.parallel import sharding as sharding_lib
 GUIDANCE_KINDS = ("none", "constant", "interval", "ramp")
 
 
+def guidance_tag(s) -> str:
+  """The guidance of ``config.sample`` in a file name, e.g. ``ramp1.1to3.6_steps5toend``."""
+  end = "end" if s.end_step < 0 else s.end_step
+  return {"none": "noguidance", "constant": f"constant{s.scale:g}",
+          "interval": f"interval{s.scale:g}_steps{s.start_step}to{end}",
+          "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_steps{s.start_step}to{end}"}[s.guidance]
+
+
 def guidance_schedule(sample_config):
   """The ``GuidanceSchedule`` of ``config.sample`` (None for no guidance)."""
   s = sample_config
@@ -126,11 +134,7 @@ class Generator:
   def tag(self, seed: int, ema: bool) -> str:
     """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
     s = self.config.sample
-    end = "end" if s.end_step < 0 else s.end_step
-    g = {"none": "noguidance", "constant": f"constant{s.scale:g}",
-         "interval": f"interval{s.scale:g}_steps{s.start_step}to{end}",
-         "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_steps{s.start_step}to{end}"}[s.guidance]
-    return f"{s.sampler}{s.steps}_{g}_seed{seed}_{'ema' if ema else 'raw'}"
+    return f"{s.sampler}{s.steps}_{guidance_tag(s)}_seed{seed}_{'ema' if ema else 'raw'}"
 
   def nfe(self) -> int:
     s = self.config.sample

@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ascan_jax import compute
 from ascan_jax import config_defaults
@@ -39,11 +38,9 @@ from ascan_jax.data import pipeline
 from ascan_jax.data import sources
 from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import samplers
-from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.models import conditioning
-from ascan_jax.models import layout as layout_lib
-from ascan_jax.models import unet as unet_lib
 from ascan_jax.tasks import base
+from ascan_jax.tasks import denoising
 from ascan_jax.tasks import diffusion_sampling
 from ascan_jax.tasks import evaluators as evaluators_lib
 
@@ -96,28 +93,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "ascan_unet"
-  c.model.channels = (160, 320, 640)
-  c.model.down_layout = "CCC-CCTT-C" + "T" * 20
-  c.model.mid_layout = "CTC"
-  c.model.up_layout = ""  # empty: mirrors down_layout.
-  c.model.head_dim = 64
-  c.model.expand_ratio = 4  # C blocks' 3x3 expansion (the paper's FusedMBConv: 4).
-  c.model.context_dim = 768
+  denoising.add_model_keys(c.model, channels=(160, 320, 640), down_layout="CCC-CCTT-C" + "T" * 20,
+                           context_dim=768)
   c.model.context_tokens = 1  # learned tokens per class label.
-  c.model.norm_groups = 32
-  c.model.drop_path_rate = 0.0
-  c.model.attention_impl = "auto"
-  c.model.remat_policy = "none"
-  c.model.dtype = "auto"
 
-  c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.num_train_steps = 1000
-  c.diffusion.beta_start = 0.00085
-  c.diffusion.beta_end = 0.01  # 0.01 at 256x256, 0.02 at 512 and above (paper).
-  c.diffusion.schedule = "scaled_linear"  # scaled_linear | linear
-  c.diffusion.offset_noise = 0.0
+  c.diffusion = denoising.diffusion_schema()
   c.diffusion.label_dropout = 0.1  # classifier-free guidance training.
-  c.diffusion.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "imagenet2012"  # the images (for latent caching, pixel-space training, judges).
@@ -162,16 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.grid = diffusion_sampling.grid_evaluator_schema()
   pipeline.add_config_keys(c)  # loading (workers, threads, batching) keys.
 
-  c.optim.schedule = "constant"  # the paper gives no decay.
-  c.optim.peak_lr = 6e-4
-  c.optim.init_lr = 0.0
-  c.optim.end_lr = 6e-4
-  c.optim.warmup_steps = 1000
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.grad_clip_norm = 1.0
-  c.optim.ema_decay = 0.9999
+  denoising.set_optim(c.optim, 6e-4)
   c.checkpoint.best_metric = ""
   return c
 
@@ -186,25 +158,8 @@ def check_config(config) -> None:
              f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
   cv.require(s.steps >= 1, "sample.steps", "must be >= 1")
   cv.require(s.per_class >= 1, "sample.per_class", "must be >= 1")
-  cv.require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
-             f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
   cv.require(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout", "must be in [0, 1)")
-  cv.require(d.schedule in ("scaled_linear", "linear"), "diffusion.schedule",
-             f"{d.schedule!r} is not 'scaled_linear' or 'linear'")
-  try:
-    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
-    layout_lib.parse_layout(m.mid_layout)
-    if m.up_layout:
-      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
-  except layout_lib.LayoutError as err:
-    raise cv.ConfigError(f"config.model: {err}") from None
-  for level, (stage, width) in enumerate(zip(down, m.channels)):
-    if "T" in stage:
-      cv.require(width % m.head_dim == 0, "model.channels",
-                 f"level {level + 1} has T blocks and width {width}, not a multiple of "
-                 f"head_dim {m.head_dim}")
-    cv.require(width % m.norm_groups == 0, "model.norm_groups",
-               f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
+  denoising.check_config(config)
   data = config.data
   if not data.latent_dir:
     factor = 2 ** (len(m.channels) - 1) * data.patch
@@ -256,11 +211,8 @@ class Task(base.Task):
 
   def __init__(self, config):
     super().__init__(config)
-    d = config.diffusion
     self.dtype = compute.compute_dtype(config.model.dtype)
-    self.schedule = schedule_lib.NoiseSchedule(num_train_steps=d.num_train_steps,
-                                               beta_start=d.beta_start, beta_end=d.beta_end,
-                                               kind=d.schedule)
+    self.schedule = denoising.noise_schedule(config)
     self.latent_meta = None
     if config.data.latent_dir:
       try:
@@ -284,17 +236,8 @@ class Task(base.Task):
 
   def build_model(self, **overrides) -> nn.Module:
     m = self.config.model
-    channels = self.sample_shape()[-1]
-    kwargs = dict(channels=tuple(m.channels), down_layout=m.down_layout,
-                  mid_layout=m.mid_layout, up_layout=m.up_layout or None,
-                  in_channels=channels, out_channels=channels, head_dim=m.head_dim,
-                  expand_ratio=m.expand_ratio,
-                  context_dim=m.context_dim, norm_groups=m.norm_groups,
-                  drop_path_rate=m.drop_path_rate, attention_impl=m.attention_impl,
-                  remat_policy=m.remat_policy, dtype=self.dtype)
-    kwargs.update(overrides)
     return ClassConditionalUNet(
-        unet=unet_lib.AsCANUNet(**kwargs),
+        unet=denoising.unet(self.config, self.sample_shape()[-1], self.dtype, **overrides),
         conditioner=conditioning.ClassConditioner(self.config.data.num_classes, m.context_dim,
                                                   m.context_tokens))
 
@@ -374,57 +317,31 @@ class Task(base.Task):
     return pipeline.eval_dataset(self.source(split), self.codec(), self.config, sharding)
 
   # ---- training ----------------------------------------------------------------------------
-  def _bucket_metrics(self, prefix, t, per_example, mask):
-    n = self.config.diffusion.loss_buckets
-    sums, counts = schedule_lib.bucket_sums(t, per_example, n, self.schedule.num_train_steps,
-                                            weights=mask)
-    return sums, counts, {f"{prefix}_t{k}": jnp.where(counts[k] > 0,
-                                                       sums[k] / jnp.maximum(counts[k], 1.0), 0.0)
-                          for k in range(n)}
-
   def loss_fn(self, params, model_state, batch, key):
     d = self.config.diffusion
     k_t, k_noise, k_drop, k_path = jax.random.split(key, 4)
-    x0 = self.x0(batch)
-    mask = batch["mask"]
     labels = jnp.where(jax.random.bernoulli(k_drop, d.label_dropout, batch["label"].shape),
                        self.null_label, batch["label"])
-    t = schedule_lib.sample_timesteps(k_t, x0.shape[0], self.schedule.num_train_steps)
-    noise = schedule_lib.sample_noise(k_noise, x0.shape, d.offset_noise)
-    x_t = schedule_lib.q_sample(self.schedule, x0, t, noise)
-    eps = self.model.apply({"params": params, **model_state}, x_t, t.astype(jnp.float32),
-                           labels, train=True, rngs={"dropout": k_path})
-    per_example = schedule_lib.epsilon_loss(eps, noise)
-    loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    _, _, buckets = self._bucket_metrics("train/loss", t, per_example, mask)
+
+    def eps_fn(x_t, t):
+      return self.model.apply({"params": params, **model_state}, x_t, t, labels, train=True,
+                              rngs={"dropout": k_path})
+    loss, buckets = denoising.train_loss(eps_fn, self.schedule, self.x0(batch), batch["mask"],
+                                         k_t, k_noise, offset_noise=d.offset_noise,
+                                         loss_buckets=d.loss_buckets)
     return loss, (model_state, buckets)
 
   # ---- evaluation --------------------------------------------------------------------------
   def eval_fn(self, params, model_state, batch) -> dict:
     """Held-out denoising loss at timesteps spread evenly over each batch (fixed noise)."""
-    x0 = self.x0(batch)
-    b = x0.shape[0]
-    steps = self.schedule.num_train_steps
-    t = jnp.floor((jnp.arange(b) + 0.5) * steps / b).astype(jnp.int32)
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1234), i),
-                                                 x0.shape[1:]))(jnp.arange(b))
-    x_t = schedule_lib.q_sample(self.schedule, x0, t, noise)
-    eps = self.model.apply({"params": params, **model_state}, x_t, t.astype(jnp.float32),
-                           batch["label"], train=False)
-    per_example = schedule_lib.epsilon_loss(eps, noise)
-    mask = batch["mask"]
-    sums, counts, _ = self._bucket_metrics("eval/loss", t, per_example, mask)
-    out = {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
-    for k in range(self.config.diffusion.loss_buckets):
-      out[f"loss_t{k}_sum"] = sums[k]
-      out[f"loss_t{k}_count"] = counts[k]
-    return out
+    def eps_fn(x_t, t):
+      return self.model.apply({"params": params, **model_state}, x_t, t, batch["label"],
+                              train=False)
+    return denoising.eval_sums(eps_fn, self.schedule, self.x0(batch), batch["mask"],
+                               loss_buckets=self.config.diffusion.loss_buckets)
 
   def summarize_eval(self, sums: dict) -> dict:
-    out = {"loss": sums["loss"] / max(sums["count"], 1.0), "examples": int(sums["count"])}
-    for k in range(self.config.diffusion.loss_buckets):
-      out[f"loss_t{k}"] = sums[f"loss_t{k}_sum"] / max(sums[f"loss_t{k}_count"], 1.0)
-    return out
+    return denoising.summarize_eval(sums, self.config.diffusion.loss_buckets)
 
   # ---- sampling ----------------------------------------------------------------------------
   def decoder(self):

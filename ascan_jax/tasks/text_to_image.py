@@ -81,17 +81,15 @@ from ascan_jax.data import t5_tokenizer
 from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import guidance as guidance_lib
 from ascan_jax.diffusion import samplers
-from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.models import hf_checkpoint
-from ascan_jax.models import layout as layout_lib
 from ascan_jax.models import t2i
 from ascan_jax.models import t5
 from ascan_jax.models import t5_random
 from ascan_jax.models import text_adapter
-from ascan_jax.models import unet as unet_lib
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.parallel import sharding as sharding_lib
 from ascan_jax.tasks import base
+from ascan_jax.tasks import denoising
 from ascan_jax.tasks import diffusion as diffusion_task
 from ascan_jax.tasks import evaluators as evaluators_lib
 from ascan_jax.tasks import text_to_image_geneval as geneval_lib
@@ -110,21 +108,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.total_steps = 300000
 
   c.model = ml_collections.ConfigDict()
-  c.model.channels = (320, 640, 1280)  # the t2i variant (models.unet_variants).
-  c.model.down_layout = "CCT-CCTT-C" + "T" * 20
-  c.model.mid_layout = "CTC"
-  c.model.up_layout = ""  # empty: mirrors down_layout.
-  c.model.head_dim = 64
-  c.model.expand_ratio = 4
-  c.model.context_dim = 4096  # the text encoder's width (Flan-T5-XXL); checked when it loads.
-  c.model.norm_groups = 32
+  denoising.add_model_keys(c.model, channels=(320, 640, 1280),  # models.unet_variants' t2i.
+                           down_layout="CCT-CCTT-C" + "T" * 20,
+                           context_dim=4096)  # Flan-T5-XXL's width; checked when it loads.
   c.model.adapter_blocks = 2  # paper A.6: two T blocks with one head at the encoder's width.
   c.model.adapter_heads = 1
   c.model.adapter_mlp_ratio = 4
-  c.model.drop_path_rate = 0.0
-  c.model.attention_impl = "auto"
-  c.model.remat_policy = "none"
-  c.model.dtype = "auto"
 
   c.text = ml_collections.ConfigDict()
   c.text.encoder_dir = ""  # a transformers T5 directory (config.json, safetensors, spiece.model).
@@ -144,13 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.text.random_encoder.corpus_size = 2000  # training captions per scene mode it is trained on.
   c.text.random_encoder.seed = 0
 
-  c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.num_train_steps = 1000
-  c.diffusion.beta_start = 0.00085
-  c.diffusion.beta_end = 0.01  # 0.01 at 256², 0.02 at 512² and above (paper).
-  c.diffusion.schedule = "scaled_linear"
-  c.diffusion.offset_noise = 0.0  # 0.05 in the aspect-ratio stage (paper).
-  c.diffusion.loss_buckets = 10
+  c.diffusion = denoising.diffusion_schema()
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "embedded_digit_scenes"
@@ -188,29 +171,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages = ml_collections.ConfigDict()
   c.stages.previous = ()  # ("name=configs/x.py:arg", ...): earlier stages, run first (module doc).
 
-  c.optim.schedule = "constant"
-  c.optim.peak_lr = 4e-4
-  c.optim.init_lr = 0.0
-  c.optim.end_lr = 4e-4
-  c.optim.warmup_steps = 1000
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.grad_clip_norm = 1.0
-  c.optim.ema_decay = 0.9999
+  denoising.set_optim(c.optim, 4e-4)
   c.checkpoint.best_metric = ""
   return c
 
 
 def check_config(config) -> None:
   """Values of the text-to-image task that cannot work."""
-  m, d, t, data = config.model, config.diffusion, config.text, config.data
+  m, t, data = config.model, config.text, config.data
   cv.check_model_common(config)
   sampling.check_sample_config(config)
-  cv.require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
-             f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
-  cv.check_choice(config, "diffusion.schedule", schedule_lib.KINDS)
-  cv.require(d.offset_noise >= 0.0, "diffusion.offset_noise", "must be >= 0")
+  denoising.check_config(config)
   cv.require(0.0 <= t.caption_dropout < 1.0, "text.caption_dropout", "must be in [0, 1)")
   cv.require(t.max_length >= 2, "text.max_length", "must be >= 2 (a token and EOS)")
   cv.check_choice(config, "text.param_dtype", ("float32", "bfloat16"))
@@ -221,20 +192,6 @@ def check_config(config) -> None:
              "the text adapter needs at least one block and one head")
   cv.require(m.context_dim % m.adapter_heads == 0, "model.adapter_heads",
              f"{m.adapter_heads} heads do not split the text width {m.context_dim}")
-  try:
-    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
-    layout_lib.parse_layout(m.mid_layout)
-    if m.up_layout:
-      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
-  except layout_lib.LayoutError as err:
-    raise cv.ConfigError(f"config.model: {err}") from None
-  for level, (stage, width) in enumerate(zip(down, m.channels)):
-    if "T" in stage:
-      cv.require(width % m.head_dim == 0, "model.channels",
-                 f"level {level + 1} has T blocks and width {width}, not a multiple of "
-                 f"head_dim {m.head_dim}")
-    cv.require(width % m.norm_groups == 0, "model.norm_groups",
-               f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
   cv.check_choice(config, "data.name", DATA_NAMES)
   cv.check_choice(config, "data.scene_mode", digit_scenes.MODES)
   cv.check_choice(config, "data.shuffle", ("index_shuffle", "permutation"))
@@ -427,11 +384,8 @@ class Task(base.Task):
 
   def __init__(self, config):
     super().__init__(config)
-    d = config.diffusion
     self.dtype = compute.compute_dtype(config.model.dtype)
-    self.schedule = schedule_lib.NoiseSchedule(num_train_steps=d.num_train_steps,
-                                               beta_start=d.beta_start, beta_end=d.beta_end,
-                                               kind=d.schedule)
+    self.schedule = denoising.noise_schedule(config)
     self.latent_meta = None
     if config.data.latent_dir:
       d = config.data
@@ -462,17 +416,10 @@ class Task(base.Task):
 
   def build_model(self, **overrides) -> nn.Module:
     m = self.config.model
-    channels = self.sample_shape()[-1]
-    kwargs = dict(channels=tuple(m.channels), down_layout=m.down_layout,
-                  mid_layout=m.mid_layout, up_layout=m.up_layout or None,
-                  in_channels=channels, out_channels=channels, head_dim=m.head_dim,
-                  expand_ratio=m.expand_ratio, context_dim=m.context_dim,
-                  norm_groups=m.norm_groups, drop_path_rate=m.drop_path_rate,
-                  attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=self.dtype)
-    kwargs.update(overrides)
+    unet = denoising.unet(self.config, self.sample_shape()[-1], self.dtype, **overrides)
     adapter = text_adapter.TextAdapter(m.adapter_blocks, m.adapter_heads, m.adapter_mlp_ratio,
-                                       attention_impl=kwargs["attention_impl"], dtype=self.dtype)
-    return t2i.TextToImageUNet(unet=unet_lib.AsCANUNet(**kwargs), adapter=adapter)
+                                       attention_impl=unet.attention_impl, dtype=self.dtype)
+    return t2i.TextToImageUNet(unet=unet, adapter=adapter)
 
   def init_variables(self, key, model=None):
     model = model or self.model
@@ -736,51 +683,27 @@ class Task(base.Task):
     return pipeline.eval_dataset(src, self.codec(split), self.config, sharding)
 
   # ---- training ----------------------------------------------------------------------------
-  def _apply(self, params, model_state, x_t, t, batch, **kwargs):
-    return self.model.apply({"params": params, **model_state}, x_t, t.astype(jnp.float32),
-                            self.text(batch), batch["text_mask"], **kwargs)
+  def _eps_fn(self, params, model_state, batch, **kwargs):
+    return lambda x_t, t: self.model.apply({"params": params, **model_state}, x_t, t,
+                                           self.text(batch), batch["text_mask"], **kwargs)
 
   def loss_fn(self, params, model_state, batch, key):
     d = self.config.diffusion
     k_t, k_noise, k_path = jax.random.split(key, 3)
-    x0 = self.x0(batch)
-    mask = batch["mask"]
-    t = schedule_lib.sample_timesteps(k_t, x0.shape[0], self.schedule.num_train_steps)
-    noise = schedule_lib.sample_noise(k_noise, x0.shape, d.offset_noise)
-    x_t = schedule_lib.q_sample(self.schedule, x0, t, noise)
-    eps = self._apply(params, model_state, x_t, t, batch, train=True, rngs={"dropout": k_path})
-    per_example = schedule_lib.epsilon_loss(eps, noise)
-    loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    sums, counts = schedule_lib.bucket_sums(t, per_example, d.loss_buckets,
-                                            self.schedule.num_train_steps, weights=mask)
-    buckets = {f"train/loss_t{k}": jnp.where(counts[k] > 0, sums[k] / jnp.maximum(counts[k], 1),
-                                             0.0) for k in range(d.loss_buckets)}
+    eps_fn = self._eps_fn(params, model_state, batch, train=True, rngs={"dropout": k_path})
+    loss, buckets = denoising.train_loss(eps_fn, self.schedule, self.x0(batch), batch["mask"],
+                                         k_t, k_noise, offset_noise=d.offset_noise,
+                                         loss_buckets=d.loss_buckets)
     return loss, (model_state, buckets)
 
   def eval_fn(self, params, model_state, batch) -> dict:
     """Held-out denoising loss at timesteps spread evenly over each batch (fixed noise)."""
-    x0 = self.x0(batch)
-    b = x0.shape[0]
-    steps = self.schedule.num_train_steps
-    t = jnp.floor((jnp.arange(b) + 0.5) * steps / b).astype(jnp.int32)
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1234), i),
-                                                 x0.shape[1:]))(jnp.arange(b))
-    x_t = schedule_lib.q_sample(self.schedule, x0, t, noise)
-    eps = self._apply(params, model_state, x_t, t, batch, train=False)
-    per_example = schedule_lib.epsilon_loss(eps, noise)
-    mask = batch["mask"]
-    n = self.config.diffusion.loss_buckets
-    sums, counts = schedule_lib.bucket_sums(t, per_example, n, steps, weights=mask)
-    out = {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
-    for k in range(n):
-      out[f"loss_t{k}_sum"], out[f"loss_t{k}_count"] = sums[k], counts[k]
-    return out
+    return denoising.eval_sums(self._eps_fn(params, model_state, batch, train=False),
+                               self.schedule, self.x0(batch), batch["mask"],
+                               loss_buckets=self.config.diffusion.loss_buckets)
 
   def summarize_eval(self, sums: dict) -> dict:
-    out = {"loss": sums["loss"] / max(sums["count"], 1.0), "examples": int(sums["count"])}
-    for k in range(self.config.diffusion.loss_buckets):
-      out[f"loss_t{k}"] = sums[f"loss_t{k}_sum"] / max(sums[f"loss_t{k}_count"], 1.0)
-    return out
+    return denoising.summarize_eval(sums, self.config.diffusion.loss_buckets)
 
   # ---- sampling, evaluators, stages --------------------------------------------------------
   def decoder(self):

@@ -31,7 +31,6 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -255,11 +254,7 @@ class TextSampler:
   def tag(self, ema: bool) -> str:
     """A file-name tag of the protocol, e.g. ``heun30_ramp1.1to3.6_steps5toend_ema``."""
     s = self.config.sample
-    end = "end" if s.end_step < 0 else s.end_step
-    g = {"none": "noguidance", "constant": f"constant{s.scale:g}",
-         "interval": f"interval{s.scale:g}_steps{s.start_step}to{end}",
-         "ramp": f"ramp{s.ramp_start:g}to{s.ramp_end:g}_steps{s.start_step}to{end}"}[s.guidance]
-    return f"{s.sampler}{s.steps}_{g}_{'ema' if ema else 'raw'}"
+    return f"{s.sampler}{s.steps}_{generate.guidance_tag(s)}_{'ema' if ema else 'raw'}"
 
   def nfe(self) -> int:
     s = self.config.sample

@@ -1,0 +1,153 @@
+"""What the two denoising tasks (class-conditional ``diffusion`` and ``text_to_image``) share.
+
+* ``add_model_keys``, ``diffusion_schema``, ``set_optim``: the config keys of the UNet, of
+  ``config.diffusion`` and the paper's optimizer (AdamW betas 0.9/0.99, weight decay 0.01,
+  clipping 1.0, 1000 warm-up steps to a constant lr, EMA 0.9999; A.7 and §6.4 of our notes);
+* ``check_config``: the checks of ``config.diffusion`` (betas, schedule, offset noise) and of
+  the UNet's keys in ``config.model`` (layouts, widths against ``head_dim`` and ``norm_groups``);
+* ``noise_schedule(config)``: the ``NoiseSchedule`` of ``config.diffusion``;
+* ``unet(config, channels, dtype, **overrides)``: the ``AsCANUNet`` of ``config.model`` for a
+  ``channels``-deep input and output;
+* the epsilon objective (DDPM, arXiv 2411.04967 §A.7/§3.3.2), given the task's denoiser
+  ``eps_fn(x_t, t) -> eps``: ``train_loss`` (uniform timesteps, optional offset noise, the mean
+  over the ``mask``-ed examples and the loss per tenth of the timesteps, ``train/loss_t<k>``),
+  ``eval_sums`` (held-out loss at timesteps spread evenly over the batch, with fixed noise, as
+  sums that add up over batches, devices and processes) and ``summarize_eval``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ascan_jax import config_validation as cv
+from ascan_jax.diffusion import schedule as schedule_lib
+from ascan_jax.models import layout as layout_lib
+from ascan_jax.models import unet as unet_lib
+
+
+def add_model_keys(m: ml_collections.ConfigDict, *, channels, down_layout: str,
+                   context_dim: int) -> None:
+  """The UNet's keys of ``config.model`` (the tasks add their conditioning's)."""
+  m.channels = tuple(channels)
+  m.down_layout = down_layout
+  m.mid_layout = "CTC"
+  m.up_layout = ""  # empty: mirrors down_layout.
+  m.head_dim = 64
+  m.expand_ratio = 4  # C blocks' 3x3 expansion (the paper's FusedMBConv: 4).
+  m.context_dim = context_dim  # the width the cross-attention attends to.
+  m.norm_groups = 32
+  m.drop_path_rate = 0.0
+  m.attention_impl = "auto"
+  m.remat_policy = "none"
+  m.dtype = "auto"
+
+
+def diffusion_schema() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.num_train_steps = 1000
+  d.beta_start = 0.00085
+  d.beta_end = 0.01  # 0.01 at 256², 0.02 at 512² and above (paper).
+  d.schedule = "scaled_linear"  # scaled_linear | linear
+  d.offset_noise = 0.0  # 0.05 in the text-to-image aspect-ratio stage (paper).
+  d.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
+  return d
+
+
+def set_optim(o: ml_collections.ConfigDict, lr: float) -> None:
+  """The paper's optimizer (module docstring) at learning rate ``lr``."""
+  o.schedule = "constant"  # the paper gives no decay.
+  o.peak_lr = lr
+  o.init_lr = 0.0
+  o.end_lr = lr
+  o.warmup_steps = 1000
+  o.weight_decay = 0.01
+  o.b1 = 0.9
+  o.b2 = 0.99
+  o.grad_clip_norm = 1.0
+  o.ema_decay = 0.9999
+
+
+def check_config(config) -> None:
+  """``config.diffusion`` and the UNet keys of ``config.model`` (module docstring)."""
+  m, d = config.model, config.diffusion
+  cv.require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
+             f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
+  cv.check_choice(config, "diffusion.schedule", schedule_lib.KINDS)
+  cv.require(d.offset_noise >= 0.0, "diffusion.offset_noise", "must be >= 0")
+  try:
+    down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
+    layout_lib.parse_layout(m.mid_layout)
+    if m.up_layout:
+      layout_lib.parse_layout(m.up_layout, num_stages=len(m.channels))
+  except layout_lib.LayoutError as err:
+    raise cv.ConfigError(f"config.model: {err}") from None
+  for level, (stage, width) in enumerate(zip(down, m.channels)):
+    if "T" in stage:
+      cv.require(width % m.head_dim == 0, "model.channels",
+                 f"level {level + 1} has T blocks and width {width}, not a multiple of "
+                 f"head_dim {m.head_dim}")
+    cv.require(width % m.norm_groups == 0, "model.norm_groups",
+               f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
+
+
+def noise_schedule(config) -> schedule_lib.NoiseSchedule:
+  d = config.diffusion
+  return schedule_lib.NoiseSchedule(num_train_steps=d.num_train_steps, beta_start=d.beta_start,
+                                    beta_end=d.beta_end, kind=d.schedule)
+
+
+def unet(config, channels: int, dtype, **overrides) -> unet_lib.AsCANUNet:
+  """The UNet of ``config.model`` with ``channels`` input and output channels."""
+  m = config.model
+  kwargs = dict(channels=tuple(m.channels), down_layout=m.down_layout,
+                mid_layout=m.mid_layout, up_layout=m.up_layout or None,
+                in_channels=channels, out_channels=channels, head_dim=m.head_dim,
+                expand_ratio=m.expand_ratio, context_dim=m.context_dim,
+                norm_groups=m.norm_groups, drop_path_rate=m.drop_path_rate,
+                attention_impl=m.attention_impl, remat_policy=m.remat_policy, dtype=dtype)
+  kwargs.update(overrides)
+  return unet_lib.AsCANUNet(**kwargs)
+
+
+def _per_tenth(schedule, t, per_example, mask, num_buckets: int):
+  return schedule_lib.bucket_sums(t, per_example, num_buckets, schedule.num_train_steps,
+                                  weights=mask)
+
+
+def train_loss(eps_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
+               loss_buckets: int):
+  """``(loss, {"train/loss_t<k>": ...})``: ``eps_fn(x_t, t)`` against the noise of ``x_t``."""
+  t = schedule_lib.sample_timesteps(k_t, x0.shape[0], schedule.num_train_steps)
+  noise = schedule_lib.sample_noise(k_noise, x0.shape, offset_noise)
+  x_t = schedule_lib.q_sample(schedule, x0, t, noise)
+  per_example = schedule_lib.epsilon_loss(eps_fn(x_t, t.astype(jnp.float32)), noise)
+  loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  sums, counts = _per_tenth(schedule, t, per_example, mask, loss_buckets)
+  return loss, {f"train/loss_t{k}": jnp.where(counts[k] > 0,
+                                              sums[k] / jnp.maximum(counts[k], 1.0), 0.0)
+                for k in range(loss_buckets)}
+
+
+def eval_sums(eps_fn, schedule, x0, mask, *, loss_buckets: int) -> dict:
+  """Held-out sums (module docstring): ``loss``, ``count``, ``loss_t<k>_sum``/``_count``."""
+  b = x0.shape[0]
+  steps = schedule.num_train_steps
+  t = jnp.floor((jnp.arange(b) + 0.5) * steps / b).astype(jnp.int32)
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(1234), i),
+                                               x0.shape[1:]))(jnp.arange(b))
+  x_t = schedule_lib.q_sample(schedule, x0, t, noise)
+  per_example = schedule_lib.epsilon_loss(eps_fn(x_t, t.astype(jnp.float32)), noise)
+  sums, counts = _per_tenth(schedule, t, per_example, mask, loss_buckets)
+  out = {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
+  for k in range(loss_buckets):
+    out[f"loss_t{k}_sum"], out[f"loss_t{k}_count"] = sums[k], counts[k]
+  return out
+
+
+def summarize_eval(sums: dict, loss_buckets: int) -> dict:
+  """``eval_sums`` added over the held-out set -> ``loss``, ``examples``, ``loss_t<k>``."""
+  out = {"loss": sums["loss"] / max(sums["count"], 1.0), "examples": int(sums["count"])}
+  for k in range(loss_buckets):
+    out[f"loss_t{k}"] = sums[f"loss_t{k}_sum"] / max(sums[f"loss_t{k}_count"], 1.0)
+  return out
