@@ -3,9 +3,12 @@
 Object stores have no append, so ``append_line`` rewrites a remote file whole (run files are
 small: metrics.jsonl of a 300-epoch run is about a megabyte); locally it appends. Local writes of
 whole files go through a temporary file and a rename, so a crash never leaves half a file.
+``json_lines`` reads a JSON-lines file whose every line must be an object, naming the file and
+the line of the first that is not.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from etils import epath
@@ -30,6 +33,25 @@ def exists(path: str) -> bool:
 
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
+
+
+def json_lines(path: str, error=ValueError, *, skip_blank: bool = True):
+  """``(line number, dict)`` per line of a JSON-lines file; a line that is not UTF-8 JSON or
+  not an object raises ``error`` naming ``path`` and the line. Blank lines are skipped, or with
+  ``skip_blank=False`` refused (files whose line number means something)."""
+  with epath.Path(path).open("rb") as f:
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
+        if skip_blank:
+          continue
+        raise error(f"{path}: line {number} is empty (one JSON object a line)")
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: line {number} is not UTF-8 JSON ({e})") from None
+      if not isinstance(row, dict):
+        raise error(f"{path}: line {number} is not a JSON object")
+      yield number, row
 
 
 def write_text(path: str, text: str) -> None:

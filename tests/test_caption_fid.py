@@ -68,7 +68,7 @@ def test_a_bad_caption_line_is_named(tmp_path):
   with pytest.raises(caption_sets.CaptionSetError, match="line 2: key 'caption' is not a string"):
     caption_sets.read(str(path))
   path.write_text('{"caption": "a dog", "image_id": 1}\nnot json\n')
-  with pytest.raises(caption_sets.CaptionSetError, match="line 2 is not JSON"):
+  with pytest.raises(caption_sets.CaptionSetError, match="line 2 is not UTF-8 JSON"):
     caption_sets.read(str(path))
 
 

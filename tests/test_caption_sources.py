@@ -126,7 +126,7 @@ def test_imagefolder_with_metadata_jsonl(tmp_path):
   val = caption_sources.get_caption_source(data, "validation")
   assert val.image_size(0) == (30, 50) and val.load(0)["key"] == "b.png"
   (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
-  with pytest.raises(ValueError, match=r"metadata.jsonl:1: needs .* 'text'"):
+  with pytest.raises(ValueError, match=r"metadata.jsonl: line 1 needs .* 'text'"):
     caption_sources.get_caption_source(data, "train")
 
 

@@ -25,16 +25,7 @@ def read(path: str) -> list[dict]:
   if not fileio.exists(path):
     raise CaptionSetError(f"caption file {path} not found (tools.make_caption_set writes one)")
   rows = []
-  lines = fileio.read_text(path).split("\n")
-  if lines and lines[-1] == "":
-    lines = lines[:-1]
-  for number, line in enumerate(lines, 1):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise CaptionSetError(f"{path}: line {number} is not JSON ({e})") from None
-    if not isinstance(row, dict):
-      raise CaptionSetError(f"{path}: line {number} is not a JSON object")
+  for number, row in fileio.json_lines(path, CaptionSetError, skip_blank=False):
     for key in ("caption", "image_id"):
       if key not in row:
         raise CaptionSetError(f"{path}: line {number} misses key {key!r} (each line is "

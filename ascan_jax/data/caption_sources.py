@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from ascan_jax import fileio
 from ascan_jax.data import digit_scenes
 from ascan_jax.data import imagenet_synonyms
 from ascan_jax.data import sources
@@ -132,20 +133,12 @@ class ScenesSource:
 def read_metadata_jsonl(path: str) -> list[tuple[str, str]]:
   """``(file_name, caption)`` per line of a Hugging Face ``metadata.jsonl``."""
   rows = []
-  with epath.Path(path).open("rb") as f:
-    for line_no, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      try:
-        row = json.loads(raw.decode("utf-8"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}:{line_no}: not a UTF-8 JSON object ({e})") from None
-      name = row.get("file_name") if isinstance(row, dict) else None
-      text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
-      if not isinstance(name, str) or not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: needs a 'file_name' string and a 'text' (or "
-                         f"'caption') string, got {sorted(row) if isinstance(row, dict) else row}")
-      rows.append((name, text.strip()))
+  for line_no, row in fileio.json_lines(path):
+    name, text = row.get("file_name"), row.get("text", row.get("caption"))
+    if not isinstance(name, str) or not isinstance(text, str):
+      raise ValueError(f"{path}: line {line_no} needs a 'file_name' string and a 'text' (or "
+                       f"'caption') string, got {sorted(row)}")
+    rows.append((name, text.strip()))
   return rows
 
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import json
 
 from ascan_jax import fileio
 from ascan_jax.eval import compositional
@@ -51,15 +50,7 @@ def read_results(path: str) -> list[dict]:
   if not fileio.exists(path):
     raise ValueError(f"GenEval results file {path} not found")
   rows = []
-  for number, line in enumerate(fileio.read_text(path).split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
-    if not isinstance(row, dict):
-      raise ValueError(f"{path}: line {number} is not a JSON object")
+  for number, row in fileio.json_lines(path):
     for key in ("tag", "correct"):
       if key not in row:
         raise ValueError(f"{path}: line {number} misses key {key!r} (GenEval's results rows "
