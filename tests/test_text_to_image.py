@@ -198,6 +198,22 @@ def test_prerequisites_chain_the_stages_and_warm_start_the_last(env, tmp_path, m
     text_to_image.check_config(config)
 
 
+def test_a_pixel_space_unet_narrower_than_twice_its_input_is_warned():
+  """runlocal stage 1 sees 4x4x3 = 48 channels per token: 96 wide passes, 48 wide is warned."""
+  from ascan_jax.tasks import denoising
+  from configs import t2i_common
+  config = t2i_common.get_config("runlocal,stage=1")
+  assert denoising.pixel_width_warning(config) == ""
+  config.model.channels = (48, 96, 128)
+  assert "48 wide, less than twice the UNet's 48 input channels" in (
+      denoising.pixel_width_warning(config))
+  config.data.patch = 2  # 12 channels: 48 is wide enough.
+  assert denoising.pixel_width_warning(config) == ""
+  config.data.update(dict(name="cache", latent_dir="latents/x"))  # latents: not pixel space.
+  config.data.patch = 4
+  assert denoising.pixel_width_warning(config) == ""
+
+
 def test_config_errors_name_the_key(env):
   config = _config(env)
   config.text.encoder_dir = ""

@@ -5,6 +5,7 @@
   clipping 1.0, 1000 warm-up steps to a constant lr, EMA 0.9999; A.7 and §6.4 of our notes);
 * ``check_config``: the checks of ``config.diffusion`` (betas, schedule, offset noise) and of
   the UNet's keys in ``config.model`` (layouts, widths against ``head_dim`` and ``norm_groups``);
+  ``pixel_width_warning``: in pixel space, a first level narrower than twice the input;
 * ``noise_schedule(config)``: the ``NoiseSchedule`` of ``config.diffusion``;
 * ``unet(config, channels, dtype, **overrides)``: the ``AsCANUNet`` of ``config.model`` for a
   ``channels``-deep input and output;
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -89,6 +91,28 @@ def check_config(config) -> None:
                  f"head_dim {m.head_dim}")
     cv.require(width % m.norm_groups == 0, "model.norm_groups",
                f"{m.norm_groups} groups do not divide level {level + 1}'s width {width}")
+
+
+def pixel_width_warning(config) -> str:
+  """Pixel space (space-to-depth by ``data.patch``): a warning, logged and returned, when the
+  UNet's first width is less than twice its input channels, else ``""``. The output passes
+  GroupNorm and SiLU before its convolution, so a level about as wide as its input cannot
+  carry the noise through (SiLU keeps about half of each channel). Measured on the
+  text-to-image runlocal stage 1 (4x4x3 = 48 input channels, 2000 steps): 48 wide, the
+  held-out loss stayed at 0.09 in every tenth of the timesteps (samples of pure noise); 96
+  wide, 0.048 overall and 0.018 in the last tenth. A warning, not an error: such a network
+  trains, only badly (the tests' toy networks do)."""
+  m, data = config.model, config.data
+  channels = data.patch * data.patch * data.channels
+  if data.latent_dir or m.channels[0] >= 2 * channels:
+    return ""
+  warning = (f"config.model.channels: the first level is {m.channels[0]} wide, less than "
+             f"twice the UNet's {channels} input channels (data.patch {data.patch}² x "
+             f"data.channels {data.channels}); the output's GroupNorm + SiLU cannot pass the "
+             "noise through and the model will learn slowly "
+             "(tasks.denoising.pixel_width_warning)")
+  logging.warning(warning)
+  return warning
 
 
 def noise_schedule(config) -> schedule_lib.NoiseSchedule:

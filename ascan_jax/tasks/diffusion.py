@@ -202,6 +202,7 @@ class Task(base.Task):
   @classmethod
   def validate(cls, config, *, num_devices, num_processes, mode):
     check_config(config)
+    denoising.pixel_width_warning(config)
 
   @classmethod
   def evaluator_schemas(cls):

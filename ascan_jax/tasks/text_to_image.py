@@ -1,4 +1,5 @@
-"""Text-to-image diffusion with the AsCAN UNet and a frozen T5 encoder (arXiv 2411.04967 §3.3, A.6).
+"""Text-to-image diffusion with the AsCAN UNet and a frozen T5 encoder (arXiv 2411.04967 §3.3,
+A.6).
 
 Model: ``models.t2i.TextToImageUNet`` = the trainable text adapter (two T blocks, one head, at the
 encoder's width) and the text-conditional AsCAN UNet. The T5 encoder (Flan-T5-XXL in the paper,
@@ -6,7 +7,8 @@ encoder's width) and the text-conditional AsCAN UNet. The T5 encoder (Flan-T5-XX
 
 Objective (paper §3.3, §6.3 of our notes): DDPM epsilon prediction with the scaled-linear schedule
 (``diffusion.beta_end`` 0.01 at 256², 0.02 at 512² and above), optional offset noise (0.05 in the
-aspect-ratio stage), EMA; the loss is also logged per tenth of the timesteps.
+aspect-ratio stage), EMA; the loss is also logged per tenth of the timesteps (the objective and
+the UNet's keys are shared with the class-conditional task: ``tasks.denoising``).
 
 Text, two ways (``text.cached``):
 * **online** (``False``): the host tokenizes captions (``data.t5_tokenizer``, ``spiece.model`` of
@@ -372,6 +374,7 @@ class Task(base.Task):
   @classmethod
   def validate(cls, config, *, num_devices, num_processes, mode):
     check_config(config)
+    denoising.pixel_width_warning(config)
     geneval_lib.check_geneval_config(config, mode)
 
   @classmethod
