@@ -1,6 +1,7 @@
 """The text-to-image task: caption dropout, the empty prompt as guidance's unconditional branch,
 sampling independent of batch and devices, --mode=sample's files, the stage chain, init_from
-refusing another shape, and a stage resumed after SIGKILL with identical losses."""
+refusing another shape, and a bucketed stage resumed after SIGKILL with identical losses and one
+compilation per bucket shape."""
 import json
 import os
 import shutil
@@ -265,28 +266,47 @@ def _wait(proc, workdir, lines, checkpoint, timeout=600):
   raise AssertionError("timed out")
 
 
-def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, tmp_path):
-  """A two-stage chain run by main.py (``stages.previous``, as ``configs/t2i.py:runlocal``): the
-  finished first stage sits in ``WORKDIR/stages/a``, so the run warm-starts from it, is killed,
-  and resumes. Stage A's config is compiled already; the chain's last stage is the same config."""
+BUCKETS = ("32x32", "32x48")  # 24 scenes each of 48: three global batches of 8 each. Stage A
+# compiled the square one; each more bucket costs a compilation of the step (~35 s cold).
+
+
+def _step_compilations(log: str) -> int:
+  """How many times the process lowered (compiled, or loaded from the cache) the train step:
+  ``JAX_LOG_COMPILES`` lines of the jitted ``step_in_mesh`` (``train/builder.py``)."""
+  return sum(1 for line in log.splitlines() if "Compiling " in line and "step_in_mesh" in line)
+
+
+def test_a_warm_started_bucketed_stage_resumes_after_sigkill_with_identical_losses(env, tmp_path):
+  """A two-stage chain run by main.py (``stages.previous``, as ``configs/t2i.py:runlocal``) whose
+  last stage trains on aspect-ratio buckets (``data.buckets``, as runlocal stage 3): the
+  finished first stage sits in ``WORKDIR/stages/a``, so the run warm-starts from it, is killed
+  (SIGKILL after the step-3 checkpoint, with later steps logged), and resumes. The steps
+  trained twice span two buckets and have bit-identical losses; each run compiles the step once
+  per bucket shape it meets (``perf/step_compilations`` and JAX's own compile log)."""
   spec = os.path.join(str(tmp_path), "chain.py")
   with open(spec, "w") as f:
     f.write("import importlib.util\n"
             f"_s = importlib.util.spec_from_file_location('tiny', {env['config_path']!r})\n"
             "_m = importlib.util.module_from_spec(_s)\n_s.loader.exec_module(_m)\n\n\n"
             "def get_config(arg=None):\n  c = _m.get_config(arg)\n"
-            f"  c.stages.previous = ('a={env['config_path']}',)\n  return c\n")
+            f"  c.stages.previous = ('a={env['config_path']}',)\n"
+            f"  c.data.update(dict(buckets={BUCKETS!r}, num_train_examples=48))\n"
+            "  return c\n")
+  # The plan is a pure function of (seed, step): the bucket of every step, as the run sees it.
+  plan = tasks.get_task(diffusion_task.load_config_file(spec)).bucket_plan()
+  bucket = {s: plan.bucket_at(s - 1) for s in range(1, STEPS + 1)}  # of logged step s.
   workdir = str(tmp_path / "stage_b")
   shutil.copytree(env["stage_a"], os.path.join(workdir, "stages", "a"))  # a finished stage.
   args = [sys.executable, "main.py", f"--config={spec}", f"--workdir={workdir}"]
   run_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                 JAX_PLATFORMS="cpu")
+                 JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
   run_env.setdefault("ASCAN_COMPILATION_CACHE", os.path.join(helpers.REPO, ".jax_cache"))
-  proc = subprocess.Popen(args, cwd=helpers.REPO, env=run_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  _wait(proc, workdir, 5, 3)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  with open(tmp_path / "killed.log", "w") as log:  # a file: a full pipe would stall the run.
+    proc = subprocess.Popen(args, cwd=helpers.REPO, env=run_env, stdout=log, stderr=log,
+                            text=True)
+    _wait(proc, workdir, 5, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
   before = _losses(workdir)
   checkpoints = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   report = os.path.join(workdir, "init_from.json")
@@ -296,13 +316,25 @@ def test_a_warm_started_stage_resumes_after_sigkill_with_identical_losses(env, t
   second = subprocess.run(args, cwd=helpers.REPO, env=run_env, capture_output=True, text=True,
                           timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
-  assert "resumed from step" in second.stdout + second.stderr
+  resumed = max(checkpoints)
+  assert f"resumed from step {resumed} of" in second.stdout
   assert os.stat(report).st_mtime_ns == warm_started  # resumed, not warm-started again.
-  after = _losses(workdir)
+  rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  after = {r["step"]: r["train/loss"] for r in rows}
   assert sorted(after) == list(range(1, STEPS + 1))
-  assert any(s > max(checkpoints) for s in before), (before, checkpoints)  # some are redone.
+  redone = [s for s in before if s > resumed]
+  assert len({bucket[s] for s in redone}) >= 2, (redone, bucket)  # trained twice, two shapes.
   for step in before:  # steps after the checkpoint were trained twice: bit-identical.
     assert after[step] == before[step], (step, before[step], after[step])
+  # One compilation per bucket shape: rows up to the checkpoint count the killed run's shapes,
+  # later rows the resumed run's (the loop counts from where it starts).
+  assert len(set(bucket.values())) == len(BUCKETS)
+  for r in rows:
+    first = resumed + 1 if r["step"] > resumed else 1
+    seen = {bucket[s] for s in range(first, r["step"] + 1)}
+    assert r["perf/step_compilations"] == len(seen), (r["step"], seen)
+  compiled = _step_compilations(second.stderr)  # by the resumed run.
+  assert compiled == len({bucket[s] for s in range(resumed + 1, STEPS + 1)}), compiled
 
 
 def test_trains_on_buckets_from_the_caption_latent_cache_with_cached_text(env, tmp_path):
