@@ -9,6 +9,7 @@ import pytest
 from ascan_jax import tasks
 from ascan_jax.diffusion import generate
 from ascan_jax.parallel import mesh as mesh_lib
+from ascan_jax.tasks import denoising
 from ascan_jax.tasks import diffusion
 from ascan_jax.train import builder
 from configs import imagenet256_diffusion
@@ -37,10 +38,10 @@ def tiny():
 
 def test_space_to_depth_round_trip():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  y = diffusion.space_to_depth(x, 2)
+  y = denoising.space_to_depth(x, 2)
   assert y.shape == (2, 4, 4, 12)
   np.testing.assert_array_equal(y[0, 0, 0, 3:6], x[0, 0, 1])  # patch (0, 1) -> channels 3..5
-  np.testing.assert_array_equal(diffusion.depth_to_space(y, 2), x)
+  np.testing.assert_array_equal(denoising.depth_to_space(y, 2), x)
 
 
 def test_loss_and_per_timestep_buckets(tiny):

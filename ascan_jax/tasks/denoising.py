@@ -1,10 +1,13 @@
 """What the two denoising tasks (class-conditional ``diffusion`` and ``text_to_image``) share.
 
+* ``space_to_depth`` / ``depth_to_space`` (pixel space seen by the UNet in patches) and
+  ``decoder`` (a sampler's ``x0`` to uint8 images, through the VAE for latents);
 * ``add_model_keys``, ``diffusion_schema``, ``set_optim``: the config keys of the UNet, of
   ``config.diffusion`` and the paper's optimizer (AdamW betas 0.9/0.99, weight decay 0.01,
   clipping 1.0, 1000 warm-up steps to a constant lr, EMA 0.9999; A.7 and §6.4 of our notes);
 * ``check_config``: the checks of ``config.diffusion`` (betas, schedule, offset noise) and of
   the UNet's keys in ``config.model`` (layouts, widths against ``head_dim`` and ``norm_groups``);
+  ``check_sampler``: ``config.sample``'s sampler, guidance kind and steps;
   ``pixel_width_warning``: in pixel space, a first level narrower than twice the input;
 * ``noise_schedule(config)``: the ``NoiseSchedule`` of ``config.diffusion``;
 * ``unet(config, channels, dtype, **overrides)``: the ``AsCANUNet`` of ``config.model`` for a
@@ -23,9 +26,44 @@ import jax.numpy as jnp
 import ml_collections
 
 from ascan_jax import config_validation as cv
+from ascan_jax.diffusion import generate
+from ascan_jax.diffusion import samplers
 from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.models import layout as layout_lib
 from ascan_jax.models import unet as unet_lib
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C] (each p x p patch becomes channels)."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of ``space_to_depth``."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
+def decoder(patch: int = 1, vae=None):
+  """``(fn(vae_params, x0) -> uint8 images, vae_params or None)`` of a sampler's ``x0``: pixel
+  space, ``depth_to_space`` by ``patch``; latents, the ``(model, params)`` of
+  ``models.vae.from_pretrained``."""
+  if vae is None:
+    return (lambda _, x0: generate.to_uint8(depth_to_space(x0, patch))), None
+  from ascan_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  model, params = vae
+
+  def decode(vae_params, z):
+    return generate.to_uint8(vae_lib.decode(model, vae_params,
+                                            vae_lib.from_model_latents(z, model.config)))
+  return decode, params
 
 
 def add_model_keys(m: ml_collections.ConfigDict, *, channels, down_layout: str,
@@ -113,6 +151,15 @@ def pixel_width_warning(config) -> str:
              "(tasks.denoising.pixel_width_warning)")
   logging.warning(warning)
   return warning
+
+
+def check_sampler(s) -> None:
+  """``config.sample``'s sampler, guidance kind and step count."""
+  cv.require(s.sampler in samplers.SAMPLERS, "sample.sampler",
+             f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+  cv.require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
+             f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
+  cv.require(s.steps >= 1, "sample.steps", "must be >= 1")
 
 
 def noise_schedule(config) -> schedule_lib.NoiseSchedule:

@@ -37,7 +37,6 @@ from ascan_jax.data import latents as latents_lib
 from ascan_jax.data import pipeline
 from ascan_jax.data import sources
 from ascan_jax.diffusion import generate
-from ascan_jax.diffusion import samplers
 from ascan_jax.models import conditioning
 from ascan_jax.tasks import base
 from ascan_jax.tasks import denoising
@@ -52,24 +51,6 @@ class ClassConditionalUNet(nn.Module):
 
   def __call__(self, x, t, labels, train: bool = False):
     return self.unet(x, t, self.conditioner(labels), None, train=train)
-
-
-def space_to_depth(x: jax.Array, p: int) -> jax.Array:
-  """[B, H, W, C] -> [B, H/p, W/p, p*p*C] (each p x p patch becomes channels)."""
-  if p == 1:
-    return x
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h // p, w // p, p * p * c)
-
-
-def depth_to_space(x: jax.Array, p: int) -> jax.Array:
-  """The inverse of ``space_to_depth``."""
-  if p == 1:
-    return x
-  b, h, w, c = x.shape
-  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 def load_config_file(spec: str):
@@ -152,11 +133,7 @@ def check_config(config) -> None:
   """Values of the diffusion task that cannot work."""
   m, s, d = config.model, config.sample, config.diffusion
   cv.check_model_common(config)
-  cv.require(s.sampler in samplers.SAMPLERS, "sample.sampler",
-             f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
-  cv.require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
-             f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
-  cv.require(s.steps >= 1, "sample.steps", "must be >= 1")
+  denoising.check_sampler(s)
   cv.require(s.per_class >= 1, "sample.per_class", "must be >= 1")
   cv.require(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout", "must be in [0, 1)")
   denoising.check_config(config)
@@ -276,7 +253,8 @@ class Task(base.Task):
     if self.latent_meta is not None:
       return batch["latent"].astype(jnp.float32)
     x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    return space_to_depth(x[..., :self.config.data.channels], self.config.data.patch)
+    return denoising.space_to_depth(x[..., :self.config.data.channels],
+                                    self.config.data.patch)
 
   def forward(self, variables, batch, model=None):
     """One denoiser evaluation at t = T/2 (what summary and bench count and time)."""
@@ -348,20 +326,14 @@ class Task(base.Task):
   def decoder(self):
     """(fn(vae_params, x0) -> uint8 images, vae_params or None)."""
     if self.latent_meta is None:
-      p = self.config.data.patch
-      return (lambda _, x0: generate.to_uint8(depth_to_space(x0, p))), None
+      return denoising.decoder(self.config.data.patch)
     if not self.config.sample.vae_dir:
       raise ValueError("config.sample.vae_dir: latent samples need the VAE that decodes them "
                        f"(the cache was written with {self.latent_meta.get('vae_dir')})")
     from ascan_jax.models import vae as vae_lib
     if self._vae is None:
       self._vae = vae_lib.from_pretrained(self.config.sample.vae_dir)
-    model, params = self._vae
-
-    def decode(vae_params, z):
-      images = vae_lib.decode(model, vae_params, vae_lib.from_model_latents(z, model.config))
-      return generate.to_uint8(images)
-    return decode, params
+    return denoising.decoder(vae=self._vae)
 
   def generator(self, setup) -> generate.Generator:
     key = id(setup.mesh)

@@ -472,7 +472,7 @@ class Task(base.Task):
     if self.latent_meta is not None:
       return batch["latent"].astype(jnp.float32)
     x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    return diffusion_task.space_to_depth(x, self.config.data.patch)
+    return denoising.space_to_depth(x, self.config.data.patch)
 
   def text(self, batch) -> jax.Array:
     """The batch's text embeddings. A batch of token ids that was not preprocessed (summary and
@@ -712,18 +712,12 @@ class Task(base.Task):
   def decoder(self):
     """``(fn(vae_params, x0) -> uint8 images, vae_params or None)``."""
     if self.latent_meta is None:
-      p = self.config.data.patch
-      return (lambda _, x0: generate.to_uint8(diffusion_task.depth_to_space(x0, p))), None
+      return denoising.decoder(self.config.data.patch)
     vae_dir = self.config.sample.vae_dir or self.latent_meta.get("vae_dir", "")
     if not vae_dir:
       raise ValueError("config.sample.vae_dir: latent samples need the VAE that decodes them")
     from ascan_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    model, params = vae_lib.from_pretrained(vae_dir)
-
-    def decode(vae_params, z):
-      return generate.to_uint8(vae_lib.decode(model, vae_params,
-                                              vae_lib.from_model_latents(z, model.config)))
-    return decode, params
+    return denoising.decoder(vae=vae_lib.from_pretrained(vae_dir))
 
   def text_sampler(self, setup) -> "sampling.TextSampler":
     key = id(setup.mesh)

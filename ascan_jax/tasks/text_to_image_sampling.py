@@ -47,6 +47,7 @@ from ascan_jax.diffusion import guidance as guidance_lib
 from ascan_jax.diffusion import samplers
 from ascan_jax.eval import generative_metrics
 from ascan_jax.parallel import sharding as sharding_lib
+from ascan_jax.tasks import denoising
 
 DEFAULT_GRID_PROMPTS = ("a photo of a seven", "a red three to the left of a blue eight",
                         "three green fives", "a yellow two above a white nine")
@@ -131,11 +132,7 @@ def caption_fid_evaluator_schema() -> ml_collections.ConfigDict:
 
 def check_sample_config(config) -> None:
   s = config.sample
-  cv.require(s.sampler in samplers.SAMPLERS, "sample.sampler",
-             f"{s.sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
-  cv.require(s.guidance in generate.GUIDANCE_KINDS, "sample.guidance",
-             f"{s.guidance!r} is not one of {generate.GUIDANCE_KINDS}")
-  cv.require(s.steps >= 1, "sample.steps", "must be >= 1")
+  denoising.check_sampler(s)
   cv.require(s.num_seeds >= 1, "sample.num_seeds", "must be >= 1")
   cv.require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
   cv.require("/" not in s.name, "sample.name", "is a folder name, not a path")
