@@ -130,3 +130,25 @@ def test_bucket_sums():
   sums, counts = sl.bucket_sums(t, loss, num_buckets=4, weights=jnp.array([1, 1, 0, 1, 1, 1]))
   np.testing.assert_allclose(counts, [2, 0, 2, 1])
   np.testing.assert_allclose(sums, [3, 0, 11, 4])
+
+
+def test_v_prediction_target_and_its_epsilon():
+  """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, eq. in §4); the exact v turned
+  back into eps gives the noise at integer and fractional t, and x0 = sqrt(abar) x_t -
+  sqrt(1 - abar) v."""
+  s = sl.NoiseSchedule(beta_end=0.02)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x0 = jax.random.uniform(k1, (4, 6, 6, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(k2, x0.shape)
+  for t in (jnp.array([0, 250, 600, 999]), jnp.array([0.5, 250.25, 600.7, 998.9])):
+    abar = np.asarray(s.alpha_bar_at(t, np) if t.dtype != jnp.int32 else s.alphas_cumprod[t])
+    a = jnp.asarray(np.sqrt(abar), jnp.float32)[:, None, None, None]
+    b = jnp.asarray(np.sqrt(1 - abar), jnp.float32)[:, None, None, None]
+    v = sl.v_target(s, x0, t, noise)
+    np.testing.assert_allclose(v, a * noise - b * x0, atol=1e-5)
+    x_t = sl.q_sample(s, x0, t, noise)
+    np.testing.assert_allclose(sl.to_epsilon(s, "v", v, x_t, t), noise, atol=1e-4)
+    np.testing.assert_allclose(a * x_t - b * v, x0, atol=1e-4)
+    np.testing.assert_array_equal(sl.to_epsilon(s, "epsilon", noise, x_t, t), noise)
+  with pytest.raises(ValueError, match="prediction 'x0'"):
+    sl.to_epsilon(s, "x0", v, x_t, t)

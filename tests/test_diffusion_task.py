@@ -3,11 +3,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ascan_jax import tasks
 from ascan_jax.diffusion import generate
+from ascan_jax.diffusion import samplers
+from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.tasks import denoising
 from ascan_jax.tasks import diffusion
@@ -220,3 +223,66 @@ def test_judge_on_sharded_chunks_matches_the_host_path():
   with pytest.raises(ValueError, match=r"expects \[N, 32, 32, C\] images"):
     judge.add(stats, jax.device_put(np.zeros((8, 16, 16, 1), np.uint8), sharding),
               jax.device_put(np.zeros(8, np.int32), sharding), 8)
+
+
+def test_v_prediction_objective_and_its_denoiser():
+  """``diffusion.prediction=v``: the training target is v (or, ``loss_on=epsilon``, the noise,
+  compared with the eps the v implies) and ``denoiser`` turns v into eps. An oracle network that
+  knows x0 and outputs the exact v has zero v loss (but not zero loss when read as eps), and
+  zero held-out epsilon loss through ``denoiser``."""
+  schedule = schedule_lib.NoiseSchedule(beta_end=0.02)
+  x0 = jax.random.uniform(jax.random.key(0), (16, 4, 4, 3), minval=-1, maxval=1)
+  mask = jnp.ones((16,))
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+
+  def oracle_v(x_t, t):
+    a = jnp.sqrt(abar[t.astype(jnp.int32)])[:, None, None, None]
+    b = jnp.sqrt(1 - abar[t.astype(jnp.int32)])[:, None, None, None]
+    noise = (x_t - a * x0) / b
+    return a * noise - b * x0
+
+  keys = jax.random.split(jax.random.key(1))
+  kw = dict(offset_noise=0.0, loss_buckets=10)
+  v_loss, _ = denoising.train_loss(oracle_v, schedule, x0, mask, *keys, prediction="v", **kw)
+  eps_loss, _ = denoising.train_loss(oracle_v, schedule, x0, mask, *keys, **kw)
+  assert float(v_loss) < 1e-6 < 0.1 < float(eps_loss)
+  # loss_on=epsilon: the eps implied by v + 0.1 misses the noise by sqrt(abar_t) * 0.1.
+  off_loss, _ = denoising.train_loss(lambda x, t: oracle_v(x, t) + 0.1, schedule, x0, mask,
+                                     *keys, prediction="v", loss_on="epsilon", **kw)
+  t = schedule_lib.sample_timesteps(keys[0], 16, schedule.num_train_steps)
+  np.testing.assert_allclose(float(off_loss), float(jnp.mean(abar[t] * 0.01)), rtol=1e-3)
+  eps_fn = denoising.denoiser(oracle_v, schedule, "v")
+  sums = denoising.eval_sums(eps_fn, schedule, x0, mask, loss_buckets=10)
+  assert float(sums["loss"]) / float(sums["count"]) < 1e-5
+  sums = denoising.eval_sums(oracle_v, schedule, x0, mask, loss_buckets=10)
+  assert float(sums["loss"]) / float(sums["count"]) > 0.1
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_the_sampler_reads_the_prediction(tiny, prediction):
+  """At initialisation the UNet outputs zeros (zero output layer): read as eps that is eps = 0,
+  read as v it is eps = sqrt(1 - abar) x_t. The generator's images equal the sampler run by hand
+  on that eps, with the generator's own noise and loop key."""
+  c, _, setup, state = tiny
+  c = _tiny_config()
+  c.diffusion.prediction = prediction
+  task = tasks.get_task(c)
+  labels = np.arange(4) % 10
+  images = generate.Generator(task, setup.mesh, setup.rules, setup.state_shardings.params,
+                              4)(state.params, labels, seed=5)
+  schedule = task.schedule
+  if prediction == "v":
+    def eps_fn(x, t):
+      abar = schedule.alpha_bar_at(jnp.broadcast_to(t, x.shape[:1]))
+      return jnp.sqrt(1.0 - abar)[:, None, None, None] * x
+  else:
+    def eps_fn(x, t):
+      return jnp.zeros_like(x)
+  noise_key, loop_key = jax.random.split(jax.random.key(5))
+  shape = (4,) + task.sample_shape()
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i),
+                                               shape[1:]))(jnp.arange(4))
+  x0, _ = samplers.sample(eps_fn, shape, loop_key, sampler=c.sample.sampler, steps=c.sample.steps,
+                          schedule=schedule, initial=noise, clip_denoised=c.sample.clip_denoised)
+  want = np.asarray(generate.to_uint8(denoising.depth_to_space(x0, c.data.patch)))
+  assert np.abs(images.astype(int) - want.astype(int)).max() <= 1

@@ -18,7 +18,10 @@ from PIL import Image
 
 from ascan_jax import config_validation as cv
 from ascan_jax import tasks
+from ascan_jax.diffusion import generate
+from ascan_jax.diffusion import samplers
 from ascan_jax.parallel import mesh as mesh_lib
+from ascan_jax.tasks import denoising
 from ascan_jax.tasks import diffusion as diffusion_task
 from ascan_jax.tasks import text_to_image
 from ascan_jax.tasks import text_to_image_sampling as sampling
@@ -131,6 +134,34 @@ def test_the_empty_prompt_is_the_unconditional_branch(env, eight):
   assert np.abs(empty.astype(int) - uncond[:2].astype(int)).max() <= 1
   prompted = guided(params, PROMPTS[:2], [0, 1], [0, 0])
   assert np.abs(prompted.astype(int) - empty.astype(int)).mean() > 1.0  # the prompt matters.
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_the_text_sampler_reads_the_prediction(env, prediction):
+  """At initialisation the network outputs zeros: eps = 0 as an eps prediction, eps =
+  sqrt(1 - abar) x_t as a v prediction. The sampler's images equal the sampler run by hand on
+  that eps with the text sampler's noise (seed 0, noise index j) and loop key (the first seed)."""
+  config = _config(env, guidance="none", batch_size=4)
+  config.diffusion.prediction = prediction
+  task, setup = _setup(config, jax.devices()[:1])
+  params = builder.create_state(setup).params
+  images = task.text_sampler(setup)(params, PROMPTS[:4], [0] * 4)
+  schedule = task.schedule
+  if prediction == "v":
+    def eps_fn(x, t):
+      abar = schedule.alpha_bar_at(jnp.broadcast_to(t, x.shape[:1]))
+      return jnp.sqrt(1.0 - abar)[:, None, None, None] * x
+  else:
+    def eps_fn(x, t):
+      return jnp.zeros_like(x)
+  shape = (4,) + task.sample_shape()
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
+                                               shape[1:]))(jnp.arange(4))
+  s = config.sample
+  x0, _ = samplers.sample(eps_fn, shape, jax.random.key(0), sampler=s.sampler, steps=s.steps,
+                          schedule=schedule, initial=noise, clip_denoised=s.clip_denoised or None)
+  want = np.asarray(generate.to_uint8(denoising.depth_to_space(x0, config.data.patch)))
+  assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_sampling_does_not_depend_on_batch_size_or_device_count(env, eight):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ascan_jax import fileio
 from ascan_jax.diffusion import guidance as guidance_lib
 from ascan_jax.diffusion import samplers
+from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.parallel import sharding as sharding_lib
 
 GUIDANCE_KINDS = ("none", "constant", "interval", "ramp")
@@ -101,6 +102,7 @@ class Generator:
     replicated = NamedSharding(mesh, P())
     null = task.null_label
     model = task.model
+    prediction = cfg.diffusion.prediction
     decode, self._vae_params = task.decoder()
     if self._vae_params is not None:
       self._vae_params = replicate(self._vae_params, mesh)
@@ -112,7 +114,9 @@ class Generator:
       noise = jax.lax.with_sharding_constraint(noise, batch)
 
       def model_eps(x, t, cond):
-        return model.apply({"params": params}, x, t, cond, train=False)
+        return schedule_lib.to_epsilon(task.schedule, prediction,
+                                       model.apply({"params": params}, x, t, cond, train=False),
+                                       x, t)
 
       if self.schedule is None:
         eps_fn, g = (lambda x, t: model_eps(x, t, labels)), None
@@ -153,6 +157,7 @@ class Generator:
         "num_samples": num_samples,
         "schedule": {"num_train_steps": d.num_train_steps, "beta_start": d.beta_start,
                      "beta_end": d.beta_end, "kind": d.schedule},
+        "prediction": d.prediction,
         "vae_dir": self.config.sample.vae_dir or None,
         "sample_shape": list(self.task.sample_shape()),
     }

@@ -15,6 +15,14 @@ interpolate ``log sigma`` linearly between the integer training steps (``sigma =
 / abar)``, as Karras et al. 2022 and diffusers' ``_sigma_to_t`` do) and set
 ``abar(t) = 1 / (1 + sigma(t)**2)``; at integer ``t`` this is the table value. Every sampler, and
 the closed-form tests, use this one map (``sigma_at``, ``alpha_bar_at``, ``t_from_sigma``).
+
+What the network predicts (``PREDICTIONS``): ``epsilon`` (the paper's) or ``v`` (Salimans & Ho
+2022, arXiv 2202.00512: ``v = sqrt(abar) eps - sqrt(1 - abar) x0``, Stable Diffusion 2's
+choice). ``v_target`` is the training target of ``v``; ``to_epsilon`` turns either prediction
+into eps (``eps = sqrt(abar) v + sqrt(1 - abar) x_t``), so every sampler, guidance and the
+held-out loss keep working in eps. At high noise a ``v`` network need not copy its input to
+its output (eps is almost ``x_t`` there, which ``to_epsilon`` supplies), which a small pixel-space
+network does badly (README, text-to-image runlocal).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("scaled_linear", "linear")
+PREDICTIONS = ("epsilon", "v")
 
 
 def beta_end_for_resolution(resolution: int) -> float:
@@ -102,11 +111,7 @@ def _per_example(v: jax.Array, ndim: int) -> jax.Array:
 
 def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; t is [batch], integer or fractional."""
-  t = jnp.asarray(t)
-  if jnp.issubdtype(t.dtype, jnp.integer):
-    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
-  else:
-    abar = schedule.alpha_bar_at(t)
+  abar = _abar(schedule, t)
   a = _per_example(jnp.sqrt(abar), x0.ndim)
   b = _per_example(jnp.sqrt(1.0 - abar), x0.ndim)
   return (a * x0.astype(jnp.float32) + b * noise.astype(jnp.float32)).astype(x0.dtype)
@@ -143,6 +148,34 @@ def training_targets(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array, *,
   t = sample_timesteps(k_t, x0.shape[0], schedule.num_train_steps)
   noise = sample_noise(k_noise, x0.shape, offset_noise, jnp.float32)
   return DiffusionTargets(q_sample(schedule, x0, t, noise), t, noise)
+
+
+def _abar(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+  t = jnp.asarray(t)
+  if jnp.issubdtype(t.dtype, jnp.integer):
+    return jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
+  return schedule.alpha_bar_at(t)
+
+
+def v_target(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array,
+             noise: jax.Array) -> jax.Array:
+  """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` in float32 (module docstring)."""
+  abar = _per_example(_abar(schedule, t), x0.ndim)
+  return (jnp.sqrt(abar) * noise.astype(jnp.float32)
+          - jnp.sqrt(1.0 - abar) * x0.astype(jnp.float32))
+
+
+def to_epsilon(schedule: NoiseSchedule, prediction: str, out: jax.Array, x_t: jax.Array,
+               t: jax.Array) -> jax.Array:
+  """The network's output ``out`` at ``(x_t, t)`` as an eps prediction (float32)."""
+  if prediction == "epsilon":
+    return out.astype(jnp.float32)
+  if prediction != "v":
+    raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+  t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+  abar = _per_example(_abar(schedule, t), x_t.ndim)
+  return jnp.sqrt(abar) * out.astype(jnp.float32) + jnp.sqrt(1.0 - abar) * x_t.astype(
+      jnp.float32)
 
 
 def epsilon_loss(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:

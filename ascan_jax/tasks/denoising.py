@@ -12,11 +12,15 @@
 * ``noise_schedule(config)``: the ``NoiseSchedule`` of ``config.diffusion``;
 * ``unet(config, channels, dtype, **overrides)``: the ``AsCANUNet`` of ``config.model`` for a
   ``channels``-deep input and output;
-* the epsilon objective (DDPM, arXiv 2411.04967 §A.7/§3.3.2), given the task's denoiser
-  ``eps_fn(x_t, t) -> eps``: ``train_loss`` (uniform timesteps, optional offset noise, the mean
-  over the ``mask``-ed examples and the loss per tenth of the timesteps, ``train/loss_t<k>``),
-  ``eval_sums`` (held-out loss at timesteps spread evenly over the batch, with fixed noise, as
-  sums that add up over batches, devices and processes) and ``summarize_eval``.
+* the DDPM objective (arXiv 2411.04967 §A.7/§3.3.2), given the task's network
+  ``net_fn(x_t, t)``, which predicts ``config.diffusion.prediction`` (``epsilon``, the paper's,
+  or ``v``; ``diffusion.schedule``'s module docstring): ``train_loss`` (uniform timesteps,
+  optional offset noise, the mean squared error against the prediction's target over the
+  ``mask``-ed examples, and per tenth of the timesteps, ``train/loss_t<k>``); ``denoiser``
+  turns ``net_fn`` into ``eps_fn(x_t, t) -> eps`` for the samplers and for ``eval_sums`` (the
+  held-out *epsilon* loss whatever the prediction, so runs compare, at timesteps spread evenly
+  over the batch, with fixed noise, as sums that add up over batches, devices and processes)
+  and ``summarize_eval``.
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def diffusion_schema() -> ml_collections.ConfigDict:
   d.beta_start = 0.00085
   d.beta_end = 0.01  # 0.01 at 256², 0.02 at 512² and above (paper).
   d.schedule = "scaled_linear"  # scaled_linear | linear
+  d.prediction = "epsilon"  # epsilon (paper) | v: what the network predicts (see schedule.py).
+  d.loss_on = "prediction"  # prediction: its own target | epsilon: the eps it implies.
   d.offset_noise = 0.0  # 0.05 in the text-to-image aspect-ratio stage (paper).
   d.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
   return d
@@ -114,6 +120,8 @@ def check_config(config) -> None:
   cv.require(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_end",
              f"need 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1")
   cv.check_choice(config, "diffusion.schedule", schedule_lib.KINDS)
+  cv.check_choice(config, "diffusion.prediction", schedule_lib.PREDICTIONS)
+  cv.check_choice(config, "diffusion.loss_on", LOSS_ON)
   cv.require(d.offset_noise >= 0.0, "diffusion.offset_noise", "must be >= 0")
   try:
     down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
@@ -186,13 +194,34 @@ def _per_tenth(schedule, t, per_example, mask, num_buckets: int):
                                   weights=mask)
 
 
-def train_loss(eps_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
-               loss_buckets: int):
-  """``(loss, {"train/loss_t<k>": ...})``: ``eps_fn(x_t, t)`` against the noise of ``x_t``."""
+LOSS_ON = ("prediction", "epsilon")
+
+
+def denoiser(net_fn, schedule, prediction: str):
+  """``eps_fn(x_t, t) -> eps`` of a network ``net_fn(x_t, t)`` that predicts ``prediction``."""
+  if prediction == "epsilon":
+    return net_fn
+  return lambda x_t, t: schedule_lib.to_epsilon(schedule, prediction, net_fn(x_t, t), x_t, t)
+
+
+def train_loss(net_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
+               loss_buckets: int, prediction: str = "epsilon", loss_on: str = "prediction"):
+  """``(loss, {"train/loss_t<k>": ...})``: the squared error of ``net_fn(x_t, t)`` against its
+  target, the noise of ``x_t`` (``prediction="epsilon"``) or its ``v`` (``"v"``); with
+  ``loss_on="epsilon"``, of the eps the output implies against the noise (for ``v``, the v
+  error weighted by ``abar_t``)."""
+  if prediction not in schedule_lib.PREDICTIONS or loss_on not in LOSS_ON:
+    raise ValueError(f"prediction {prediction!r} / loss_on {loss_on!r}: valid are "
+                     f"{schedule_lib.PREDICTIONS} / {LOSS_ON}")
   t = schedule_lib.sample_timesteps(k_t, x0.shape[0], schedule.num_train_steps)
   noise = schedule_lib.sample_noise(k_noise, x0.shape, offset_noise)
   x_t = schedule_lib.q_sample(schedule, x0, t, noise)
-  per_example = schedule_lib.epsilon_loss(eps_fn(x_t, t.astype(jnp.float32)), noise)
+  out = net_fn(x_t, t.astype(jnp.float32))
+  if prediction == "v" and loss_on == "prediction":
+    target = schedule_lib.v_target(schedule, x0, t, noise)
+  else:
+    out, target = schedule_lib.to_epsilon(schedule, prediction, out, x_t, t), noise
+  per_example = schedule_lib.epsilon_loss(out, target)
   loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   sums, counts = _per_tenth(schedule, t, per_example, mask, loss_buckets)
   return loss, {f"train/loss_t{k}": jnp.where(counts[k] > 0,

@@ -302,20 +302,22 @@ class Task(base.Task):
     labels = jnp.where(jax.random.bernoulli(k_drop, d.label_dropout, batch["label"].shape),
                        self.null_label, batch["label"])
 
-    def eps_fn(x_t, t):
+    def net_fn(x_t, t):
       return self.model.apply({"params": params, **model_state}, x_t, t, labels, train=True,
                               rngs={"dropout": k_path})
-    loss, buckets = denoising.train_loss(eps_fn, self.schedule, self.x0(batch), batch["mask"],
+    loss, buckets = denoising.train_loss(net_fn, self.schedule, self.x0(batch), batch["mask"],
                                          k_t, k_noise, offset_noise=d.offset_noise,
-                                         loss_buckets=d.loss_buckets)
+                                         loss_buckets=d.loss_buckets, prediction=d.prediction,
+                                         loss_on=d.loss_on)
     return loss, (model_state, buckets)
 
   # ---- evaluation --------------------------------------------------------------------------
   def eval_fn(self, params, model_state, batch) -> dict:
     """Held-out denoising loss at timesteps spread evenly over each batch (fixed noise)."""
-    def eps_fn(x_t, t):
+    def net_fn(x_t, t):
       return self.model.apply({"params": params, **model_state}, x_t, t, batch["label"],
                               train=False)
+    eps_fn = denoising.denoiser(net_fn, self.schedule, self.config.diffusion.prediction)
     return denoising.eval_sums(eps_fn, self.schedule, self.x0(batch), batch["mask"],
                                loss_buckets=self.config.diffusion.loss_buckets)
 

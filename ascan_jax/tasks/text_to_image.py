@@ -686,23 +686,25 @@ class Task(base.Task):
     return pipeline.eval_dataset(src, self.codec(split), self.config, sharding)
 
   # ---- training ----------------------------------------------------------------------------
-  def _eps_fn(self, params, model_state, batch, **kwargs):
+  def _net_fn(self, params, model_state, batch, **kwargs):
     return lambda x_t, t: self.model.apply({"params": params, **model_state}, x_t, t,
                                            self.text(batch), batch["text_mask"], **kwargs)
 
   def loss_fn(self, params, model_state, batch, key):
     d = self.config.diffusion
     k_t, k_noise, k_path = jax.random.split(key, 3)
-    eps_fn = self._eps_fn(params, model_state, batch, train=True, rngs={"dropout": k_path})
-    loss, buckets = denoising.train_loss(eps_fn, self.schedule, self.x0(batch), batch["mask"],
+    net_fn = self._net_fn(params, model_state, batch, train=True, rngs={"dropout": k_path})
+    loss, buckets = denoising.train_loss(net_fn, self.schedule, self.x0(batch), batch["mask"],
                                          k_t, k_noise, offset_noise=d.offset_noise,
-                                         loss_buckets=d.loss_buckets)
+                                         loss_buckets=d.loss_buckets, prediction=d.prediction,
+                                         loss_on=d.loss_on)
     return loss, (model_state, buckets)
 
   def eval_fn(self, params, model_state, batch) -> dict:
-    """Held-out denoising loss at timesteps spread evenly over each batch (fixed noise)."""
-    return denoising.eval_sums(self._eps_fn(params, model_state, batch, train=False),
-                               self.schedule, self.x0(batch), batch["mask"],
+    """Held-out epsilon loss at timesteps spread evenly over each batch (fixed noise)."""
+    eps_fn = denoising.denoiser(self._net_fn(params, model_state, batch, train=False),
+                                self.schedule, self.config.diffusion.prediction)
+    return denoising.eval_sums(eps_fn, self.schedule, self.x0(batch), batch["mask"],
                                loss_buckets=self.config.diffusion.loss_buckets)
 
   def summarize_eval(self, sums: dict) -> dict:

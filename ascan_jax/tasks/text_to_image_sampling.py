@@ -45,6 +45,7 @@ from ascan_jax.data import digit_scenes
 from ascan_jax.diffusion import generate
 from ascan_jax.diffusion import guidance as guidance_lib
 from ascan_jax.diffusion import samplers
+from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.eval import generative_metrics
 from ascan_jax.parallel import sharding as sharding_lib
 from ascan_jax.tasks import denoising
@@ -217,6 +218,7 @@ class TextSampler:
     decode, vae_params = task.decoder()
     self._vae_params = None if vae_params is None else jax.device_put(vae_params, replicated)
     model = task.model
+    prediction = config.diffusion.prediction
 
     def draw(params, encoder, vae_params, ids, mask, null_ids, null_mask, seeds, index,
              loop_seed):
@@ -227,7 +229,9 @@ class TextSampler:
         noise = jax.lax.with_sharding_constraint(noise, rows[4])
 
         def model_eps(x, t, cond):
-          return model.apply({"params": params}, x, t, cond[0], cond[1], train=False)
+          return schedule_lib.to_epsilon(
+              task.schedule, prediction, model.apply({"params": params}, x, t, cond[0], cond[1],
+                                                     train=False), x, t)
 
         if self.schedule is None:
           eps_fn, g = (lambda x, t: model_eps(x, t, (text, mask))), None
@@ -271,6 +275,7 @@ class TextSampler:
         "noise": "sample j: normal(fold_in(key(seed_j), prompt_index_j))",
         "schedule": {"num_train_steps": d.num_train_steps, "beta_start": d.beta_start,
                      "beta_end": d.beta_end, "kind": d.schedule},
+        "prediction": d.prediction,
         "text_encoder": c.text.encoder_dir, "max_length": c.text.max_length,
         "vae_dir": s.vae_dir or None, "sample_shape": list(self.task.sample_shape()),
         "image_size": [c.data.height, c.data.width],
