@@ -61,6 +61,33 @@ TINY_CLASSIFIER = [
     "--config.model.head_dim=16", "--config.model.embed_dim=64", "--config.batch_size=32",
     "--config.eval_batch_size=200", "--config.log.every_steps=10"]
 
+def zero_network_samples(task, noise_key, loop_key, n):
+  """The uint8 images ``task``'s sampler must draw for ``n`` samples from a network whose output
+  is zero (a UNet at initialisation: zero output layer), run by hand: eps = 0 when it predicts
+  eps, eps = sqrt(1 - abar) x_t when it predicts v; sample i starts from
+  ``normal(fold_in(noise_key, i))``, the sampler's loop key is ``loop_key``."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ascan_jax.diffusion import generate
+  from ascan_jax.diffusion import samplers
+  from ascan_jax.tasks import denoising
+  config, schedule = task.config, task.schedule
+
+  def eps_fn(x, t):
+    if config.diffusion.prediction == "epsilon":
+      return jnp.zeros_like(x)
+    abar = schedule.alpha_bar_at(jnp.broadcast_to(t, x.shape[:1]))
+    return jnp.sqrt(1.0 - abar)[:, None, None, None] * x
+  shape = (n,) + task.sample_shape()
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i),
+                                               shape[1:]))(jnp.arange(n))
+  s = config.sample
+  x0, _ = samplers.sample(eps_fn, shape, loop_key, sampler=s.sampler, steps=s.steps,
+                          schedule=schedule, initial=noise, clip_denoised=s.clip_denoised or None)
+  return np.asarray(generate.to_uint8(denoising.depth_to_space(x0, config.data.patch)))
+
+
 # A text-to-image stage small enough for tests: the runlocal stage 1 (single digits at 32x32,
 # patch 4) with a tiny UNet and a tiny stand-in encoder. Written to a file, so main.py runs the
 # same config.

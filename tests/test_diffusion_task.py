@@ -9,7 +9,6 @@ import pytest
 
 from ascan_jax import tasks
 from ascan_jax.diffusion import generate
-from ascan_jax.diffusion import samplers
 from ascan_jax.diffusion import schedule as schedule_lib
 from ascan_jax.parallel import mesh as mesh_lib
 from ascan_jax.tasks import denoising
@@ -263,26 +262,13 @@ def test_the_sampler_reads_the_prediction(tiny, prediction):
   """At initialisation the UNet outputs zeros (zero output layer): read as eps that is eps = 0,
   read as v it is eps = sqrt(1 - abar) x_t. The generator's images equal the sampler run by hand
   on that eps, with the generator's own noise and loop key."""
-  c, _, setup, state = tiny
+  _, _, setup, state = tiny
   c = _tiny_config()
   c.diffusion.prediction = prediction
   task = tasks.get_task(c)
   labels = np.arange(4) % 10
   images = generate.Generator(task, setup.mesh, setup.rules, setup.state_shardings.params,
                               4)(state.params, labels, seed=5)
-  schedule = task.schedule
-  if prediction == "v":
-    def eps_fn(x, t):
-      abar = schedule.alpha_bar_at(jnp.broadcast_to(t, x.shape[:1]))
-      return jnp.sqrt(1.0 - abar)[:, None, None, None] * x
-  else:
-    def eps_fn(x, t):
-      return jnp.zeros_like(x)
   noise_key, loop_key = jax.random.split(jax.random.key(5))
-  shape = (4,) + task.sample_shape()
-  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i),
-                                               shape[1:]))(jnp.arange(4))
-  x0, _ = samplers.sample(eps_fn, shape, loop_key, sampler=c.sample.sampler, steps=c.sample.steps,
-                          schedule=schedule, initial=noise, clip_denoised=c.sample.clip_denoised)
-  want = np.asarray(generate.to_uint8(denoising.depth_to_space(x0, c.data.patch)))
+  want = helpers.zero_network_samples(task, noise_key, loop_key, 4)
   assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
