@@ -88,9 +88,9 @@ def zero_network_samples(task, noise_key, loop_key, n):
   return np.asarray(generate.to_uint8(denoising.depth_to_space(x0, config.data.patch)))
 
 
-# A text-to-image stage small enough for tests: the runlocal stage 1 (single digits at 32x32,
-# patch 4) with a tiny UNet and a tiny stand-in encoder. Written to a file, so main.py runs the
-# same config.
+# A text-to-image stage small enough for tests: the runlocal stage 1 (single digits at 32x32)
+# with 4x4 patches (8x8 tokens: a quarter of the runlocal's 2x2-patch compute), a tiny UNet and a
+# tiny stand-in encoder. Written to a file, so main.py runs the same config.
 TINY_T2I_CONFIG = '''
 import ml_collections
 from configs import t2i_common
@@ -103,7 +103,7 @@ def get_config(arg=None):
   c.text.update(dict(encoder_dir={encoder!r}, max_length=16))
   c.text.random_encoder.update(dict(create=False, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                     num_heads=4, corpus_size=100))
-  c.data.update(dict(num_train_examples=256, num_eval_examples=16))
+  c.data.update(dict(num_train_examples=256, num_eval_examples=16, patch=4))
   c.batch_size, c.eval_batch_size, c.total_steps = 8, 16, {steps}
   c.optim.warmup_steps = 2
   c.log.every_steps = 1

@@ -217,18 +217,23 @@ def test_prerequisites_chain_the_stages_and_warm_start_the_last(env, tmp_path, m
 
 
 def test_a_pixel_space_unet_narrower_than_twice_its_input_is_warned():
-  """runlocal stage 1 sees 4x4x3 = 48 channels per token: 96 wide passes, 48 wide is warned."""
+  """runlocal stage 1 sees 2x2x3 = 12 channels per token: 32 wide passes; with 4x4x3 = 48
+  channels 32 and 48 wide are warned, 96 passes."""
   from ascan_jax.tasks import denoising
   from configs import t2i_common
   config = t2i_common.get_config("runlocal,stage=1")
+  assert config.data.patch == 2 and config.model.channels[0] == 32
   assert denoising.pixel_width_warning(config) == ""
+  config.data.patch = 4
+  assert "32 wide, less than twice the UNet's 48 input channels" in (
+      denoising.pixel_width_warning(config))
   config.model.channels = (48, 96, 128)
   assert "48 wide, less than twice the UNet's 48 input channels" in (
       denoising.pixel_width_warning(config))
-  config.data.patch = 2  # 12 channels: 48 is wide enough.
+  config.model.channels = (96, 96, 128)
   assert denoising.pixel_width_warning(config) == ""
+  config.model.channels = (48, 96, 128)
   config.data.update(dict(name="cache", latent_dir="latents/x"))  # latents: not pixel space.
-  config.data.patch = 4
   assert denoising.pixel_width_warning(config) == ""
 
 
