@@ -56,8 +56,8 @@ TINY_DIFFUSION = [
 
 # A classifier small enough for tests (used as a judge of generated digits).
 TINY_CLASSIFIER = [
-    "--config=configs/ascan_t.py:runlocal", "--config.model.layout=C-CT-CT-CT",
-    "--config.model.widths=(16,32,64,64)", "--config.model.stem_width=16",
+    "--config=configs/ascan_t.py:runlocal", "--config.model.layout=C-CT",
+    "--config.model.widths=(16,64)", "--config.model.stem_width=16",
     "--config.model.head_dim=16", "--config.model.embed_dim=64", "--config.batch_size=32",
     "--config.eval_batch_size=200", "--config.log.every_steps=10"]
 

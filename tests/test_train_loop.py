@@ -74,7 +74,7 @@ def test_outputs_of_a_run(uninterrupted):
   assert evals[-1]["eval/examples"] == 1000  # every held-out example exactly once.
   config = json.loads((uninterrupted / "config.json").read_text())
   assert config["resolved"]["total_steps"] == TOTAL
-  assert config["config"]["model"]["layout"] == "C-CT-CT-CT"
+  assert config["config"]["model"]["layout"] == "C-CT"
   events = [f for f in os.listdir(uninterrupted / "tensorboard") if "tfevents" in f]
   assert events
   data = (uninterrupted / "tensorboard" / events[0]).read_bytes()
