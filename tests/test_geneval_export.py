@@ -101,7 +101,7 @@ def test_export_has_genevals_layout_and_resumes_only_unfinished_prompts(run):
   assert f"python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl" in proc.stdout
   assert f"python evaluation/summary_scores.py {out}/results.jsonl" in proc.stdout
 
-  # Resume on 8 devices: one missing sample -> only its prompt is drawn again, identically.
+  # Resume on 8 devices: one missing sample -> only its prompt is drawn again, the same image.
   lost = os.path.join(out, "00003", "samples", "0002.png")
   before = np.asarray(Image.open(lost))
   os.remove(lost)
@@ -112,7 +112,10 @@ def test_export_has_genevals_layout_and_resumes_only_unfinished_prompts(run):
   changed = sorted(k for k in after if after[k] != mtimes.get(k))
   assert changed == sorted(["protocol.json", "00003/metadata.jsonl", "00003/grid.png"] +
                            [f"00003/samples/{j:04d}.png" for j in range(4)])
-  np.testing.assert_array_equal(np.asarray(Image.open(lost)), before)
+  # Drawn again on 8 devices: the v network's v-to-eps step rounds differently with the
+  # per-device shapes (tests/test_text_to_image.py), so a pixel may move by one grey level.
+  diff = np.abs(np.asarray(Image.open(lost)).astype(int) - before.astype(int))
+  assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, np.count_nonzero(diff)
 
   # Another protocol into the same folder stops instead of mixing samples.
   proc = _export(run, "--config.eval.geneval_samples=2", f"--config.eval.geneval_output={out}",

@@ -45,10 +45,10 @@ def test_summary_mode_writes_params_and_macs(tmp_path):
 
 
 def test_bench_mode_writes_throughput_and_mfu(tmp_path):
-  helpers.run_main("--config=configs/ascan_t.py:runlocal", "--mode=bench",
-                   f"--workdir={tmp_path}", "--config.bench.repeats=2",
-                   "--config.bench.warmup=1", "--config.bench.min_seconds=0.05",
-                   "--config.bench.batch_sizes=(1,4)", "--config.bench.train_batch_size=8",
+  helpers.run_main(*helpers.TINY_CLASSIFIER, "--mode=bench", f"--workdir={tmp_path}",
+                   "--config.bench.repeats=2", "--config.bench.warmup=1",
+                   "--config.bench.min_seconds=0.05", "--config.bench.batch_sizes=(1,4)",
+                   "--config.bench.train_batch_size=8",
                    timeout=600)
   r = json.loads((tmp_path / "bench.json").read_text())
   assert r["device_kind"] and r["platform"] == "cpu"
