@@ -88,6 +88,15 @@ def zero_network_samples(task, noise_key, loop_key, n):
   return np.asarray(generate.to_uint8(denoising.depth_to_space(x0, config.data.patch)))
 
 
+def assert_same_images_across_device_shapes(actual, expected):
+  """uint8 images drawn by a v network with different per-device shapes: turning v into eps
+  rounds differently with those shapes, so a few pixels may differ by one grey level (2 of
+  18,432 when measured); anything more is a real difference."""
+  import numpy as np
+  diff = np.abs(np.asarray(actual).astype(int) - np.asarray(expected).astype(int))
+  assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, np.count_nonzero(diff)
+
+
 # A text-to-image stage small enough for tests: the runlocal stage 1 (single digits at 32x32)
 # with 4x4 patches (8x8 tokens: a quarter of the runlocal's 2x2-patch compute), a tiny UNet and a
 # tiny stand-in encoder. Written to a file, so main.py runs the same config.
