@@ -183,12 +183,16 @@ def test_any_aspect_ratio(height, width):
   assert 0.15 * min(height, width) < np.median(heights) < 0.6 * min(height, width)
 
 
-def test_single_digit_mode_is_one_white_digit_with_a_photo_caption():
+def test_single_digit_mode_is_one_centred_white_digit_with_a_photo_caption():
   src = digit_scenes.DigitScenesSource("train", height=64, width=64, num_examples=40,
                                        mode="single_digit")
   for i in range(len(src)):
     ex = src.load(i)
     (o,) = json.loads(ex["objects"])
+    y0, x0, y1, x1 = o["box"]
+    # Object-centric, as ImageNet's photos: large, and centred to within 6 % of the side.
+    assert 0.65 * 64 <= y1 - y0 <= 0.86 * 64
+    assert abs((y0 + y1) / 2 - 32) <= 0.06 * 64 + 1 and abs((x0 + x1) / 2 - 32) <= 0.06 * 64 + 1
     assert o["color"] == "white"
     assert ex["caption"].startswith("a photo of ")
     digits, colors = _parse_part(ex["caption"])

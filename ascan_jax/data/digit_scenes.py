@@ -29,7 +29,9 @@ another instance of its class, so connected components after a dilation by ``mer
 find exactly one region per digit (``eval/compositional.py``).
 
 ``mode="single_digit"``: one white digit, caption "a photo of <synonym>", the analogue of the
-paper's ImageNet-as-text-to-image stage (white, so the caption is about the class alone).
+paper's ImageNet-as-text-to-image stage (white, so the caption is about the class alone), and
+object-centric as ImageNet's photos are: the digit 0.7-0.85 of the canvas high, centred to
+within 6 % of its side.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ _SPLIT_IDS = {"train": 0, **{name: 1 for name in sources.EVAL_SPLIT_NAMES}}
 _MODE_IDS = {"scenes": 0, "single_digit": 1}
 # Digit stroke height as a fraction of the canvas' shorter side, by number of objects.
 _HEIGHT_RANGE = {1: (0.45, 0.7), 2: (0.32, 0.48), 3: (0.27, 0.38), 4: (0.24, 0.33)}
-_SINGLE_DIGIT_HEIGHT = (0.55, 0.8)
+_SINGLE_DIGIT_HEIGHT = (0.7, 0.85)
+_SINGLE_DIGIT_JITTER = 0.06  # centre offset, a fraction of the canvas side, at most.
 _COLOR_IN_POSITION_CAPTION = 0.3  # share of position captions that also name the colours.
 _COLOR_IN_COUNTING_CAPTION = 0.5
 
@@ -128,7 +131,7 @@ class DigitScenesSource:
 
   def _single_digit(self, rng):
     digit = int(rng.integers(10))
-    objects = self._layout(rng, [(digit, "white")], _SINGLE_DIGIT_HEIGHT)
+    objects = self._layout(rng, [(digit, "white")], _SINGLE_DIGIT_HEIGHT, centered=True)
     caption = scene_captions.single_digit_caption(digit, rng)
     return self._example(rng, objects, caption, "single_object", [_item(digit)])
 
@@ -188,11 +191,13 @@ class DigitScenesSource:
   # --- layout and rendering ---
 
   def _layout(self, rng, wanted: list[tuple[int, str]], height_range=None,
-              relation: str | None = None, allow_fewer: bool = False) -> list[dict]:
+              relation: str | None = None, allow_fewer: bool = False,
+              centered: bool = False) -> list[dict]:
     """Places ``wanted`` (digit, colour) objects without overlap; returns them with patches.
 
     Rejection sampling: 40 tries per round, digits shrunk by 0.85 after each failed round; after
-    8 rounds a counting scene keeps fewer copies (never fewer than 2).
+    8 rounds a counting scene keeps fewer copies (never fewer than 2). ``centered`` (one
+    object): the digit's box centred on the canvas to within ``_SINGLE_DIGIT_JITTER``.
     """
     h_canvas, w_canvas = self.height, self.width
     side = min(h_canvas, w_canvas)
@@ -209,8 +214,9 @@ class DigitScenesSource:
         if any(p.shape[0] > h_canvas or p.shape[1] > w_canvas for p, _ in patches):
           continue
         for _ in range(40):
-          offsets = [(int(rng.integers(0, h_canvas - p.shape[0] + 1)),
-                      int(rng.integers(0, w_canvas - p.shape[1] + 1))) for p, _ in patches]
+          offsets = [_centered_offset(rng, p, b, h_canvas, w_canvas) if centered else
+                     (int(rng.integers(0, h_canvas - p.shape[0] + 1)),
+                      int(rng.integers(0, w_canvas - p.shape[1] + 1))) for p, b in patches]
           if _separated(patches, offsets, gap) and (
               relation is None or _clear_relation(patches, offsets, relation)):
             return [{**o, "digit_index": index, "patch": p, "offset": (y, x),
@@ -321,6 +327,17 @@ def _digit_patch(digit: np.ndarray, stroke_height: float) -> tuple[np.ndarray, t
   patch = np.clip(np.rint(patch * (255.0 / max(float(crop.max()), 1.0))), 0, 255).astype(np.uint8)
   fy, fx = np.nonzero(patch >= FOREGROUND_LEVEL)
   return patch, (int(fy.min()), int(fx.min()), int(fy.max()) + 1, int(fx.max()) + 1)
+
+
+def _centered_offset(rng, patch: np.ndarray, box, h_canvas: int, w_canvas: int):
+  """Top-left corner that puts the digit's box, jittered, at the canvas' centre (patch inside)."""
+  jitter = max(1, int(round(_SINGLE_DIGIT_JITTER * min(h_canvas, w_canvas))))
+
+  def one(lo, hi, size, canvas):
+    start = (canvas - (hi - lo)) // 2 - lo + int(rng.integers(-jitter, jitter + 1))
+    return int(min(max(start, 0), canvas - size))
+  return (one(box[0], box[2], patch.shape[0], h_canvas),
+          one(box[1], box[3], patch.shape[1], w_canvas))
 
 
 def _separated(patches, offsets, gap: int) -> bool:
