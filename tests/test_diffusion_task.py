@@ -272,3 +272,50 @@ def test_the_sampler_reads_the_prediction(tiny, prediction):
   noise_key, loop_key = jax.random.split(jax.random.key(5))
   want = helpers.zero_network_samples(task, noise_key, loop_key, 4)
   assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_min_snr_gamma_weights_the_loss_but_not_the_per_tenth_metrics():
+  """``diffusion.min_snr_gamma``: an eps error weighs ``min(SNR, gamma) / SNR`` (1 at high noise,
+  small at low noise), a v error ``min(SNR, gamma) / (SNR + 1)``; 0 is the unweighted loss and
+  ``train/loss_t<k>`` stay unweighted either way."""
+  schedule = schedule_lib.NoiseSchedule(beta_end=0.02)
+  x0 = jax.random.uniform(jax.random.key(0), (64, 4, 4, 3), minval=-1, maxval=1)
+  mask = jnp.ones((64,))
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  keys = jax.random.split(jax.random.key(2))
+  t = schedule_lib.sample_timesteps(keys[0], 64, schedule.num_train_steps)
+  snr = abar[t] / (1 - abar[t])
+  kw = dict(offset_noise=0.0, loss_buckets=10)
+
+  def off_by_a_tenth(x_t, t):  # predicts eps (or v) of x0 = 0 plus 0.1: a known error.
+    noise = (x_t - jnp.sqrt(abar[t.astype(jnp.int32)])[:, None, None, None] * x0) / jnp.sqrt(
+        1 - abar[t.astype(jnp.int32)])[:, None, None, None]
+    return noise + 0.1
+
+  plain, plain_t = denoising.train_loss(off_by_a_tenth, schedule, x0, mask, *keys, **kw)
+  weighted, weighted_t = denoising.train_loss(off_by_a_tenth, schedule, x0, mask, *keys,
+                                              min_snr_gamma=5.0, **kw)
+  np.testing.assert_allclose(float(plain), 0.01, rtol=1e-3)
+  np.testing.assert_allclose(float(weighted), float(jnp.mean(0.01 * jnp.minimum(snr, 5.0) / snr)),
+                             rtol=1e-3)
+  assert float(weighted) < 0.95 * float(plain)
+  # The lowest-noise tenth of the timesteps counts for little, the noisier ones fully.
+  w = denoising.min_snr_weight(schedule, jnp.arange(1000), 5.0, on_v=False)
+  assert float(jnp.mean(w[:100])) < 0.3 and float(jnp.min(w[300:])) == 1.0
+  for k in plain_t:
+    np.testing.assert_allclose(float(weighted_t[k]), float(plain_t[k]), rtol=1e-6)
+  zero, _ = denoising.train_loss(off_by_a_tenth, schedule, x0, mask, *keys, min_snr_gamma=0.0,
+                                 **kw)
+  assert float(zero) == float(plain)
+  # A v target: the same 0.1 error in v weighs min(SNR, gamma) / (SNR + 1).
+  v_weighted, _ = denoising.train_loss(
+      lambda x, t: schedule_lib.v_target(schedule, x0, t.astype(jnp.int32), off_by_a_tenth(x, t)
+                                         - 0.1) + 0.1,
+      schedule, x0, mask, *keys, prediction="v", min_snr_gamma=5.0, **kw)
+  np.testing.assert_allclose(float(v_weighted),
+                             float(jnp.mean(0.01 * jnp.minimum(snr, 5.0) / (snr + 1))), rtol=1e-3)
+  from ascan_jax import config_validation as cv
+  c = _tiny_config()
+  c.diffusion.min_snr_gamma = -1.0
+  with pytest.raises(cv.ConfigError, match="diffusion.min_snr_gamma"):
+    diffusion.check_config(c)

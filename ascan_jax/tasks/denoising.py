@@ -96,6 +96,9 @@ def diffusion_schema() -> ml_collections.ConfigDict:
   d.prediction = "epsilon"  # epsilon (paper) | v: what the network predicts (see schedule.py).
   d.loss_on = "prediction"  # prediction: its own target | epsilon: the eps it implies.
   d.offset_noise = 0.0  # 0.05 in the text-to-image aspect-ratio stage (paper).
+  # > 0: Min-SNR-gamma loss weights (Hang et al., arXiv 2303.09556), min(SNR_t, gamma) / SNR_t on
+  # an eps error, / (SNR_t + 1) on a v error; 0: the paper's unweighted loss.
+  d.min_snr_gamma = 0.0
   d.loss_buckets = 10  # train/loss_t<k>: the loss per tenth of the timesteps.
   return d
 
@@ -123,6 +126,7 @@ def check_config(config) -> None:
   cv.check_choice(config, "diffusion.prediction", schedule_lib.PREDICTIONS)
   cv.check_choice(config, "diffusion.loss_on", LOSS_ON)
   cv.require(d.offset_noise >= 0.0, "diffusion.offset_noise", "must be >= 0")
+  cv.require(d.min_snr_gamma >= 0.0, "diffusion.min_snr_gamma", "must be >= 0 (0: unweighted)")
   try:
     down = layout_lib.parse_layout(m.down_layout, num_stages=len(m.channels))
     layout_lib.parse_layout(m.mid_layout)
@@ -205,11 +209,14 @@ def denoiser(net_fn, schedule, prediction: str):
 
 
 def train_loss(net_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
-               loss_buckets: int, prediction: str = "epsilon", loss_on: str = "prediction"):
+               loss_buckets: int, prediction: str = "epsilon", loss_on: str = "prediction",
+               min_snr_gamma: float = 0.0):
   """``(loss, {"train/loss_t<k>": ...})``: the squared error of ``net_fn(x_t, t)`` against its
   target, the noise of ``x_t`` (``prediction="epsilon"``) or its ``v`` (``"v"``); with
   ``loss_on="epsilon"``, of the eps the output implies against the noise (for ``v``, the v
-  error weighted by ``abar_t``)."""
+  error weighted by ``abar_t``). ``min_snr_gamma > 0`` weights each example's error by
+  ``min(SNR_t, gamma) / SNR_t`` (an eps error) or ``/ (SNR_t + 1)`` (a v error), which gives
+  every target the same Min-SNR weighting of the x0 error; the ``loss_t<k>`` stay unweighted."""
   if prediction not in schedule_lib.PREDICTIONS or loss_on not in LOSS_ON:
     raise ValueError(f"prediction {prediction!r} / loss_on {loss_on!r}: valid are "
                      f"{schedule_lib.PREDICTIONS} / {LOSS_ON}")
@@ -217,16 +224,28 @@ def train_loss(net_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
   noise = schedule_lib.sample_noise(k_noise, x0.shape, offset_noise)
   x_t = schedule_lib.q_sample(schedule, x0, t, noise)
   out = net_fn(x_t, t.astype(jnp.float32))
-  if prediction == "v" and loss_on == "prediction":
+  on_v = prediction == "v" and loss_on == "prediction"
+  if on_v:
     target = schedule_lib.v_target(schedule, x0, t, noise)
   else:
     out, target = schedule_lib.to_epsilon(schedule, prediction, out, x_t, t), noise
   per_example = schedule_lib.epsilon_loss(out, target)
-  loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  weighted = per_example
+  if min_snr_gamma > 0:
+    weighted = per_example * min_snr_weight(schedule, t, min_snr_gamma, on_v=on_v)
+  loss = jnp.sum(weighted * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   sums, counts = _per_tenth(schedule, t, per_example, mask, loss_buckets)
   return loss, {f"train/loss_t{k}": jnp.where(counts[k] > 0,
                                               sums[k] / jnp.maximum(counts[k], 1.0), 0.0)
                 for k in range(loss_buckets)}
+
+
+def min_snr_weight(schedule, t: jax.Array, gamma: float, *, on_v: bool) -> jax.Array:
+  """Min-SNR-gamma weight per example (``train_loss``): ``min(SNR, gamma) / SNR`` for an eps
+  error, ``min(SNR, gamma) / (SNR + 1)`` for a v error; ``SNR_t = abar_t / (1 - abar_t)``."""
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
+  snr = abar / (1.0 - abar)
+  return jnp.minimum(snr, gamma) / (snr + 1.0 if on_v else snr)
 
 
 def eval_sums(eps_fn, schedule, x0, mask, *, loss_buckets: int) -> dict:

@@ -697,7 +697,7 @@ class Task(base.Task):
     loss, buckets = denoising.train_loss(net_fn, self.schedule, self.x0(batch), batch["mask"],
                                          k_t, k_noise, offset_noise=d.offset_noise,
                                          loss_buckets=d.loss_buckets, prediction=d.prediction,
-                                         loss_on=d.loss_on)
+                                         loss_on=d.loss_on, min_snr_gamma=d.min_snr_gamma)
     return loss, (model_state, buckets)
 
   def eval_fn(self, params, model_state, batch) -> dict:
