@@ -48,7 +48,8 @@ def random_inception_weights(path, seed=0):
 
 # A diffusion run small enough for tests: the runlocal recipe with a tiny UNet.
 TINY_DIFFUSION = [
-    "--config=configs/imagenet256_diffusion.py:runlocal", "--config.model.channels=(16,32,32)",
+    "--config=configs/imagenet256_diffusion.py:runlocal", "--config.model.channels=(16,32)",
+    "--config.model.down_layout=C-CT",
     "--config.model.head_dim=16", "--config.model.context_dim=16", "--config.batch_size=16",
     "--config.eval_batch_size=200", "--config.sample.sampler=ddim", "--config.sample.steps=3",
     "--config.sample.per_class=2", "--config.sample.batch_size=20", "--config.log.every_steps=1",
