@@ -7,8 +7,8 @@ Train:   python main.py --config=configs/t2i.py --workdir=DIR
          Flan-T5-XXL embeddings (the data issue's cache) and many accelerators are needed.
 Expected: GenEval 0.64 overall (paper, Table 3). Hardware: the paper's (not stated).
 Try it:  python main.py --config=configs/t2i.py:runlocal --workdir=DIR
-         (a 2-core CPU, pixel-space digit scenes, a random T5 stand-in; the whole chain has not
-         been run to its end yet: see README.) One stage alone: configs/t2i.py:runlocal,stage=1 (or 2, 3).
+         (a 2-core CPU, pixel-space digit scenes, a random T5 stand-in; measured run in the
+         README.) One stage alone: configs/t2i.py:runlocal,stage=1 (or 2, 3).
 Inspect: the stages one by one: configs/t2i_stage{1,2a,2b,2c,2d}.py with --mode=summary.
 Details and the choices the paper leaves open: configs/t2i_common.py.
 """
