@@ -157,6 +157,12 @@ def _abar(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
   return schedule.alpha_bar_at(t)
 
 
+def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+  """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` at timesteps ``t`` (float32)."""
+  abar = _abar(schedule, t)
+  return abar / (1.0 - abar)
+
+
 def v_target(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array,
              noise: jax.Array) -> jax.Array:
   """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` in float32 (module docstring)."""

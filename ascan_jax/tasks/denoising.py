@@ -242,9 +242,8 @@ def train_loss(net_fn, schedule, x0, mask, k_t, k_noise, *, offset_noise: float,
 
 def min_snr_weight(schedule, t: jax.Array, gamma: float, *, on_v: bool) -> jax.Array:
   """Min-SNR-gamma weight per example (``train_loss``): ``min(SNR, gamma) / SNR`` for an eps
-  error, ``min(SNR, gamma) / (SNR + 1)`` for a v error; ``SNR_t = abar_t / (1 - abar_t)``."""
-  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
-  snr = abar / (1.0 - abar)
+  error, ``min(SNR, gamma) / (SNR + 1)`` for a v error (``schedule.snr``)."""
+  snr = schedule_lib.snr(schedule, t)
   return jnp.minimum(snr, gamma) / (snr + 1.0 if on_v else snr)
 
 
