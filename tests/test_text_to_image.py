@@ -156,6 +156,10 @@ def test_sampling_does_not_depend_on_batch_size_or_device_count(env, eight):
   params_on_one = jax.device_put(jax.device_get(params), one_setup.state_shardings.params)
   on_one = one_task.text_sampler(one_setup)(params_on_one, PROMPTS, seeds)  # 4 a batch, 1 device.
   helpers.assert_same_images_across_device_shapes(on_one, on_eight)  # a v network (runlocal).
+  one_sampler = one_task.text_sampler(one_setup)
+  few = one_sampler(params_on_one, PROMPTS[:3], seeds[:3])  # under a batch: no padding to 4.
+  assert one_sampler.compiled_batch_sizes == (3, 4)
+  helpers.assert_same_images_across_device_shapes(few, on_one[:3])
   again = task.text_sampler(setup)(params, PROMPTS[3:], seeds[3:], np.arange(3, 6))
   np.testing.assert_array_equal(again, on_eight[3:])  # sample j: (prompt, seed, index) only.
 

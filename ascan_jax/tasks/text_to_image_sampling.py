@@ -202,22 +202,43 @@ class TextSampler:
     s = config.sample
     mesh, rules = setup.mesh, setup.rules
     self.task, self.config, self.mesh, self.rules = task, config, mesh, rules
-    dp = _data_parallel(mesh, rules)
-    self.batch_size = int(math.ceil(batch_size / dp) * dp)
+    self._dp = _data_parallel(mesh, rules)
+    self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
     self.schedule = generate.guidance_schedule(s)
     self.spacing = s.spacing or samplers.get_sampler(s.sampler).default_spacing
     if config.text.cached:
       self.encoder = task.encoder_params(mesh, rules)
     else:
       self.encoder = setup.frozen["encoder"]
-    encoder_shardings = jax.tree.map(lambda a: a.sharding, self.encoder)
-    shape = (self.batch_size,) + task.sample_shape()
-    rows = {n: sharding_lib.batch_sharding(mesh, rules, n, self.batch_size) for n in (1, 2, 4)}
-    self._rows = rows
+    self._encoder_shardings = jax.tree.map(lambda a: a.sharding, self.encoder)
+    self._param_shardings = setup.state_shardings.params
     replicated = NamedSharding(mesh, P())
-    decode, vae_params = task.decoder()
+    self._replicated = replicated
+    self._decode, vae_params = task.decoder()
     self._vae_params = None if vae_params is None else jax.device_put(vae_params, replicated)
-    model = task.model
+    self._programs = {}  # batch size -> (jitted draw, row shardings by rank).
+
+  def call_batch_size(self, n: int) -> int:
+    """The batch of the jitted calls that draw ``n`` samples: ``batch_size``, or for fewer
+    samples ``n`` rounded up to the data-parallel devices, so a small grid does not pay for a
+    full batch of padding (one more compiled program per such size)."""
+    if n >= self.batch_size:
+      return self.batch_size
+    return int(math.ceil(max(n, 1) / self._dp) * self._dp)
+
+  @property
+  def compiled_batch_sizes(self) -> tuple[int, ...]:
+    return tuple(sorted(self._programs))
+
+  def _program(self, b: int):
+    """``(draw, rows)``: the jitted sampling call at batch ``b`` and its batch shardings."""
+    if b in self._programs:
+      return self._programs[b]
+    task, config, mesh, rules = self.task, self.config, self.mesh, self.rules
+    s = config.sample
+    shape = (b,) + task.sample_shape()
+    rows = {n: sharding_lib.batch_sharding(mesh, rules, n, b) for n in (1, 2, 4)}
+    model, decode = task.model, self._decode
     prediction = config.diffusion.prediction
 
     def draw(params, encoder, vae_params, ids, mask, null_ids, null_mask, seeds, index,
@@ -244,13 +265,17 @@ class TextSampler:
                                 clip_denoised=s.clip_denoised or None)
         return decode(vae_params, x0)
 
-    self._draw = jax.jit(draw, in_shardings=(
-        setup.state_shardings.params, encoder_shardings, replicated, rows[2], rows[2],
+    replicated = self._replicated
+    jitted = jax.jit(draw, in_shardings=(
+        self._param_shardings, self._encoder_shardings, replicated, rows[2], rows[2],
         replicated, replicated, rows[1], rows[1], None), out_shardings=rows[4])
+    self._programs[b] = (jitted, rows)
+    return self._programs[b]
 
-  def _global(self, values: np.ndarray) -> jax.Array:
-    sharding = self._rows[values.ndim]
-    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+  @staticmethod
+  def _global(values: np.ndarray, rows: dict) -> jax.Array:
+    return jax.make_array_from_callback(values.shape, rows[values.ndim],
+                                        lambda index: values[index])
 
   def tag(self, ema: bool) -> str:
     """A file-name tag of the protocol, e.g. ``heun30_ramp1.1to3.6_steps5toend_ema``."""
@@ -283,22 +308,23 @@ class TextSampler:
 
   def chunks(self, params, prompts, seeds, index=None, progress: bool = False):
     """``(images, count)`` per jitted batch, left on the devices that drew them: uint8
-    ``[batch_size, H, W, C]`` split over the data-parallel devices, whose first ``count`` rows
-    are the next samples (``prompts[j]`` with ``seeds[j]`` and noise index ``index[j]``, default
-    ``j``); the rest repeat the last. Every process passes the same arguments."""
+    ``[call_batch_size(N), H, W, C]`` split over the data-parallel devices, whose first
+    ``count`` rows are the next samples (``prompts[j]`` with ``seeds[j]`` and noise index
+    ``index[j]``, default ``j``); the rest repeat the last. Every process passes the same
+    arguments."""
     prompts = list(prompts)
     n = len(prompts)
     seeds = np.broadcast_to(np.asarray(seeds, np.int32), (n,))
     index = np.arange(n, dtype=np.int32) if index is None else np.asarray(index, np.int32)
     ids, mask = self.task.tokenize(prompts)
     null_ids, null_mask = self.task.tokenize([self.config.sample.negative_prompt])
-    b = self.batch_size
+    b = self.call_batch_size(n)
+    draw, shardings = self._program(b) if n else (None, None)
+    put = lambda values: self._global(values, shardings)
     for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
       rows = np.arange(start, start + b).clip(max=n - 1)  # the last batch repeats its last row.
-      images = self._draw(params, self.encoder, self._vae_params, self._global(ids[rows]),
-                          self._global(mask[rows]), null_ids, null_mask,
-                          self._global(seeds[rows]), self._global(index[rows]),
-                          int(seeds[start]))
+      images = draw(params, self.encoder, self._vae_params, put(ids[rows]), put(mask[rows]),
+                    null_ids, null_mask, put(seeds[rows]), put(index[rows]), int(seeds[start]))
       yield images, min(b, n - start)
 
   def __call__(self, params, prompts, seeds, index=None, progress: bool = False) -> np.ndarray:
