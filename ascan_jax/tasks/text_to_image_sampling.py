@@ -6,10 +6,12 @@
   of values every process holds), parameters keep their training shardings. Sample ``j`` starts
   from noise drawn with ``fold_in(key(seed_j), index_j)`` (``index`` = the prompt's index), so
   with the deterministic samplers (ddim, euler, heun, dpmpp_2m) an image depends only on its
-  prompt, seed and index, not on the batch size or the number of devices. Classifier-free
-  guidance's unconditional branch is the encoding of ``sample.negative_prompt`` (``""``: the
-  empty prompt the task's caption dropout trains), passed as a pytree condition
-  ``(embedding, mask)`` to ``diffusion.guidance``.
+  prompt, seed and index, not on the batch size or the number of devices. A request of fewer
+  samples than ``sample.batch_size`` is drawn at its own batch (rounded up to the data-parallel
+  devices; one more compiled program per such size), so a grid of 16 prompts does not pay for
+  128 samples of padding. Classifier-free guidance's unconditional branch is the encoding of
+  ``sample.negative_prompt`` (``""``: the empty prompt the task's caption dropout trains),
+  passed as a pytree condition ``(embedding, mask)`` to ``diffusion.guidance``.
 * Evaluators (``config.evals.<name>.type``): ``sample_grid`` (a captioned grid of fixed prompts,
   ``viz.captioned_grid``), ``compositional`` (samples of held-out digit-scene prompts judged by
   ``eval.compositional`` with the digit classifier ``tasks.judge``: ``eval/geneval_<tag>``,
