@@ -174,6 +174,14 @@ def test_chunks_stay_sharded_and_leading_rows_fetch_the_first_samples(tiny):
   np.testing.assert_array_equal(generate.leading_rows(chunks[1].images, 2), everything[4:6])
   with pytest.raises(ValueError, match="cannot take 5 leading rows"):
     generate.leading_rows(chunks[0].images, 5)
+  # Fewer samples than a batch: one call at their own batch (rounded up to the data-parallel
+  # devices), not padded to the full 16; the samples are the same.
+  big = generate.Generator(task, setup.mesh, setup.rules, setup.state_shardings.params, 16)
+  dp = setup.mesh.size
+  few = list(big.chunks(params, labels[:3], seed=3))
+  assert [(c.start, c.count, c.images.shape[0]) for c in few] == [(0, 3, max(dp, 3))]
+  assert big.compiled_batch_sizes == (max(dp, 3),)
+  np.testing.assert_array_equal(big(params, labels[:3], seed=3), everything[:3])
 
 
 def test_judge_on_sharded_chunks_matches_the_host_path():

@@ -4,8 +4,10 @@
 whole mesh: labels and the starting noise are split over the data-parallel devices, parameters
 keep their training shardings. Sample ``i`` starts from noise drawn with
 ``fold_in(split(key(seed))[0], i)``, so with the deterministic samplers (ddim, euler, heun,
-dpmpp_2m) a sample is the same whatever batch or device count it is drawn with. Outputs are
-decoded to uint8 images (pixel space: from [-1, 1]; latent space: through the configured VAE).
+dpmpp_2m) a sample is the same whatever batch or device count it is drawn with; fewer samples
+than a batch are drawn at their own batch (``call_batch_size``), not padded to a full one.
+Outputs are decoded to uint8 images (pixel space: from [-1, 1]; latent space: through the
+configured VAE).
 
 Samples stay where they were drawn: ``Generator.chunks`` yields one ``SampleChunk`` per jitted
 batch (images and labels as global arrays split over the data-parallel devices of every
@@ -71,12 +73,22 @@ def to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+def call_batch_size(n: int, batch_size: int, data_parallel: int) -> int:
+  """The batch of the jitted calls that draw ``n`` samples with a sampler of ``batch_size``
+  (a multiple of ``data_parallel``): ``batch_size``, or for fewer samples ``n`` rounded up to
+  the data-parallel devices, so a small grid does not pay for a full batch of padding (at the
+  cost of one more compiled program per such size)."""
+  if n >= batch_size:
+    return batch_size
+  return int(math.ceil(max(n, 1) / data_parallel) * data_parallel)
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleChunk:
-  """One jitted batch of samples, where it was drawn. ``images`` [batch_size, H, W, C] uint8 and
-  ``labels`` [batch_size] int32 are global arrays split over the data-parallel devices; rows
-  ``[0, count)`` are samples ``start .. start + count - 1`` of the requested set, the rest pad
-  the last batch."""
+  """One jitted batch of samples, where it was drawn. ``images`` [b, H, W, C] uint8 and
+  ``labels`` [b] int32 (``b``: ``call_batch_size``) are global arrays split over the
+  data-parallel devices; rows ``[0, count)`` are samples ``start .. start + count - 1`` of the
+  requested set, the rest pad the last batch."""
   images: jax.Array
   labels: jax.Array
   start: int
@@ -91,21 +103,35 @@ class Generator:
     self.task = task
     self.config = cfg
     self.mesh = mesh
-    dp = max(1, math.prod(mesh.shape[a] for a in _batch_axes(mesh, rules)))
-    self.batch_size = int(math.ceil(batch_size / dp) * dp)
+    self.rules = rules
+    self._dp = max(1, math.prod(mesh.shape[a] for a in _batch_axes(mesh, rules)))
+    self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
     self.schedule = guidance_schedule(cfg.sample)
     s = cfg.sample
     self.spacing = s.spacing or samplers.get_sampler(s.sampler).default_spacing
-    shape = (self.batch_size,) + task.sample_shape()
-    batch = sharding_lib.batch_sharding(mesh, rules, 4, self.batch_size)
-    labels_sharding = sharding_lib.batch_sharding(mesh, rules, 1, self.batch_size)
-    replicated = NamedSharding(mesh, P())
-    null = task.null_label
-    model = task.model
-    prediction = cfg.diffusion.prediction
-    decode, self._vae_params = task.decoder()
+    self._param_shardings = param_shardings
+    self._decode, self._vae_params = task.decoder()
     if self._vae_params is not None:
       self._vae_params = replicate(self._vae_params, mesh)
+    self._programs = {}  # batch size -> (jitted draw, labels sharding).
+
+  @property
+  def compiled_batch_sizes(self) -> tuple[int, ...]:
+    return tuple(sorted(self._programs))
+
+  def _program(self, b: int):
+    """``(draw, labels_sharding)``: the jitted sampling call at batch ``b``."""
+    if b in self._programs:
+      return self._programs[b]
+    task, cfg, mesh, rules = self.task, self.config, self.mesh, self.rules
+    s = cfg.sample
+    shape = (b,) + task.sample_shape()
+    batch = sharding_lib.batch_sharding(mesh, rules, 4, b)
+    labels_sharding = sharding_lib.batch_sharding(mesh, rules, 1, b)
+    replicated = NamedSharding(mesh, P())
+    null = task.null_label
+    model, decode = task.model, self._decode
+    prediction = cfg.diffusion.prediction
 
     def draw(params, vae_params, labels, indices, seed):
       noise_key, loop_key = jax.random.split(jax.random.key(seed))
@@ -128,12 +154,10 @@ class Generator:
                               clip_denoised=s.clip_denoised or None)
       return decode(vae_params, x0)
 
-    self._labels_sharding = labels_sharding
-    self._draw = jax.jit(draw, in_shardings=(param_shardings, replicated, labels_sharding,
-                                             labels_sharding, None), out_shardings=batch)
-
-  def _global(self, values: np.ndarray) -> jax.Array:
-    return _global_batch_array(values, self._labels_sharding)
+    jitted = jax.jit(draw, in_shardings=(self._param_shardings, replicated, labels_sharding,
+                                         labels_sharding, None), out_shardings=batch)
+    self._programs[b] = (jitted, labels_sharding)
+    return self._programs[b]
 
   def tag(self, seed: int, ema: bool) -> str:
     """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
@@ -171,14 +195,16 @@ class Generator:
     if labels.ndim != 1:
       raise ValueError(f"labels must be one class index per sample ([N]), got {labels.shape}")
     n = len(labels)
-    starts = range(0, n, self.batch_size)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
-      idx = np.arange(start, start + self.batch_size, dtype=np.int32)
-      lab = labels[start:start + self.batch_size]
+    b = call_batch_size(n, self.batch_size, self._dp)
+    draw, labels_sharding = self._program(b) if n else (None, None)
+    for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
+      idx = np.arange(start, start + b, dtype=np.int32)
+      lab = labels[start:start + b]
       count = len(lab)
-      lab = np.concatenate([lab, np.zeros(self.batch_size - count, np.int32)])
-      lab = self._global(lab)
-      images = self._draw(params, self._vae_params, lab, self._global(idx), seed)
+      lab = np.concatenate([lab, np.zeros(b - count, np.int32)])
+      lab = _global_batch_array(lab, labels_sharding)
+      images = draw(params, self._vae_params, lab, _global_batch_array(idx, labels_sharding),
+                    seed)
       yield SampleChunk(images, lab, start, count)
 
   def __call__(self, params, labels: np.ndarray, seed: int, progress: bool = False) -> np.ndarray:

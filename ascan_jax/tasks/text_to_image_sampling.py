@@ -220,14 +220,6 @@ class TextSampler:
     self._vae_params = None if vae_params is None else jax.device_put(vae_params, replicated)
     self._programs = {}  # batch size -> (jitted draw, row shardings by rank).
 
-  def call_batch_size(self, n: int) -> int:
-    """The batch of the jitted calls that draw ``n`` samples: ``batch_size``, or for fewer
-    samples ``n`` rounded up to the data-parallel devices, so a small grid does not pay for a
-    full batch of padding (one more compiled program per such size)."""
-    if n >= self.batch_size:
-      return self.batch_size
-    return int(math.ceil(max(n, 1) / self._dp) * self._dp)
-
   @property
   def compiled_batch_sizes(self) -> tuple[int, ...]:
     return tuple(sorted(self._programs))
@@ -310,17 +302,17 @@ class TextSampler:
 
   def chunks(self, params, prompts, seeds, index=None, progress: bool = False):
     """``(images, count)`` per jitted batch, left on the devices that drew them: uint8
-    ``[call_batch_size(N), H, W, C]`` split over the data-parallel devices, whose first
-    ``count`` rows are the next samples (``prompts[j]`` with ``seeds[j]`` and noise index
-    ``index[j]``, default ``j``); the rest repeat the last. Every process passes the same
-    arguments."""
+    ``[b, H, W, C]`` (``b = generate.call_batch_size(N, ...)``) split over the data-parallel
+    devices, whose first ``count`` rows are the next samples (``prompts[j]`` with ``seeds[j]``
+    and noise index ``index[j]``, default ``j``); the rest repeat the last. Every process passes
+    the same arguments."""
     prompts = list(prompts)
     n = len(prompts)
     seeds = np.broadcast_to(np.asarray(seeds, np.int32), (n,))
     index = np.arange(n, dtype=np.int32) if index is None else np.asarray(index, np.int32)
     ids, mask = self.task.tokenize(prompts)
     null_ids, null_mask = self.task.tokenize([self.config.sample.negative_prompt])
-    b = self.call_batch_size(n)
+    b = generate.call_batch_size(n, self.batch_size, self._dp)
     draw, shardings = self._program(b) if n else (None, None)
     put = lambda values: self._global(values, shardings)
     for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
