@@ -98,6 +98,27 @@ def test_lower_case_layout_letters_are_refused():
     layout.parse_layout("c-ccct")
 
 
+def test_the_signal_handler_writes_nothing_and_the_loop_logs_the_signal_once(monkeypatch):
+  """A handler that logs can interrupt a log line being written to the same stream ("reentrant
+  call inside <_io.BufferedWriter>", a "--- Logging error ---" traceback on a clean exit)."""
+  from absl import logging as absl_logging
+  from ascan_jax.train import preemption
+  lines = []
+  monkeypatch.setattr(absl_logging, "warning", lambda *a, **k: lines.append(a[0] % a[1:]))
+  watcher = preemption.PreemptionWatcher()
+  try:
+    assert not watcher.should_stop(4)
+    watcher._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+    assert lines == [] and watcher.step_at_signal == 4
+    assert watcher.should_stop(5) and watcher.should_stop(5)
+    assert lines == ["received SIGINT (Ctrl-C): checkpointing step 5 and exiting"]
+    assert watcher.exit_code == 130
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once.
+      watcher._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+  finally:
+    watcher.close()
+
+
 # ---- through main.py ------------------------------------------------------------------------
 
 TINY = [*helpers.TINY_CLASSIFIER, "--config.total_steps=400", "--config.log.every_steps=1000",

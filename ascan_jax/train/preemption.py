@@ -7,6 +7,11 @@ convention for an interrupted command). A second Ctrl-C while the checkpoint is 
 interrupts at once. The loop keeps at most one step in flight (``modes.train``), so the signal is
 acted on within a step whatever ``log.every_steps`` is.
 
+The handler itself does no I/O: Python runs it between two bytecodes of the main thread, which
+may be inside a write to the same stream (an absl log line), and a second write there fails
+("reentrant call inside <_io.BufferedWriter name='<stderr>'>": a "--- Logging error ---"
+traceback on a clean exit). The main thread logs the signal at its next ``should_stop``.
+
 Several processes must agree on the step at which they save (a save is a collective): JAX's
 preemption sync point (``multihost_utils.reached_preemption_sync_point``) does that for SIGTERM,
 and Ctrl-C in one process is turned into a SIGTERM to itself so the same mechanism spreads it.
@@ -29,6 +34,7 @@ class PreemptionWatcher:
     self.signal = None  # the signal that stopped the run.
     self.step_at_signal = None  # the last step dispatched when it came.
     self.current_step = 0
+    self._announced = False
     self._previous = {}
     if not self.multi:
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
@@ -43,8 +49,7 @@ class PreemptionWatcher:
       return
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now.
-    logging.warning("received signal %d: will checkpoint and exit after this step", signum)
-    self.signal = signum
+    self.signal = signum  # no I/O here (module docstring); should_stop logs it.
     self.step_at_signal = self.current_step
 
   def should_stop(self, step: int) -> bool:
@@ -53,9 +58,17 @@ class PreemptionWatcher:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       if multihost_utils.reached_preemption_sync_point(step):
         self.signal = self.signal or signal.SIGTERM
+        self._announce(step)
         return True
       return False
+    if self.signal is not None:
+      self._announce(step)
     return self.signal is not None
+
+  def _announce(self, step: int) -> None:
+    if not self._announced:
+      self._announced = True
+      logging.warning("received %s: checkpointing step %d and exiting", self.signal_name, step)
 
   @property
   def exit_code(self) -> int:
