@@ -76,7 +76,8 @@ class PreemptionWatcher:
 
   @property
   def signal_name(self) -> str:
-    return {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}.get(self.signal, "a signal")
+    names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+    return names.get(self.signal, "a signal")
 
   def close(self) -> None:
     for signum, previous in self._previous.items():
