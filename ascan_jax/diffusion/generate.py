@@ -104,7 +104,7 @@ class Generator:
     self.config = cfg
     self.mesh = mesh
     self.rules = rules
-    self._dp = max(1, math.prod(mesh.shape[a] for a in _batch_axes(mesh, rules)))
+    self._dp = sharding_lib.data_parallel_size(mesh, rules)
     self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
     self.schedule = guidance_schedule(cfg.sample)
     s = cfg.sample
@@ -246,14 +246,6 @@ def replicate(tree, mesh):
   the cross-host equality check (an all-gather of the values) ``jax.device_put`` would make."""
   sharding = NamedSharding(mesh, P())
   return jax.tree.map(lambda x: _global_batch_array(np.asarray(x), sharding), tree)
-
-
-def _batch_axes(mesh, rules):
-  for logical, axes in rules:
-    if logical == "batch":
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      return [a for a in axes if a in mesh.shape]
-  return []
 
 
 def grid(images: np.ndarray, columns: int) -> np.ndarray:

@@ -33,7 +33,6 @@ NSFW); ``text_features(prompts)`` the text ones.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -49,14 +48,6 @@ def _cosines(model: clip.CLIPModel, params, images, input_ids, attention_mask) -
   image = clip.image_embeddings(model, params, images, normalize=True)
   text = clip.text_embeddings(model, params, input_ids, attention_mask, normalize=True)
   return jnp.sum(image * text, axis=-1)
-
-
-def _data_parallel_size(mesh, rules) -> int:
-  for name, axes in rules:
-    if name == "batch" and axes is not None:
-      axes = (axes,) if isinstance(axes, str) else tuple(axes)
-      return math.prod(mesh.shape.get(a, 1) for a in axes)
-  return 1
 
 
 class CLIPScorer:
@@ -78,7 +69,7 @@ class CLIPScorer:
     self.tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(clip_dir)
     self.max_length = max_length or self.model.config.text.max_position_embeddings
     self.config_sha256 = clip.config_sha256(clip_dir)
-    dp = _data_parallel_size(mesh, rules) if mesh is not None else 1
+    dp = sharding_lib.data_parallel_size(mesh, rules) if mesh is not None else 1
     self.batch_size = max(dp, -(-batch_size // dp) * dp)
     self._cosines = jax.jit(functools.partial(_cosines, self.model))
     self._image_features = jax.jit(functools.partial(clip.image_embeddings, self.model))

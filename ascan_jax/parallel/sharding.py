@@ -57,6 +57,16 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   return jax.tree.map(one, boxed_tree, is_leaf=_is_box)
 
 
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """How many ways the logical 'batch' axis is split on ``mesh`` under ``rules`` (1 when it
+  maps to no mesh axis)."""
+  for logical, axes in rules:
+    if logical == "batch":
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      return max(1, math.prod(mesh.shape[a] for a in axes if a in mesh.shape))
+  return 1
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int, batch_dim_size: int) -> NamedSharding:
   """Leading (batch) dimension split over the mesh axes 'batch' maps to; the rest replicated."""
   spec = spec_for(("batch",) + (None,) * (ndim - 1), (batch_dim_size,) + (1,) * (ndim - 1),

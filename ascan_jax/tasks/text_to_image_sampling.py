@@ -188,14 +188,6 @@ def read_prompts(path: str) -> list[str]:
 
 # ---- the sampler ------------------------------------------------------------------------------
 
-def _data_parallel(mesh, rules) -> int:
-  for logical, axes in rules:
-    if logical == "batch":
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      return max(1, math.prod(mesh.shape[a] for a in axes if a in mesh.shape))
-  return 1
-
-
 class TextSampler:
   """Sharded, jitted sampling from prompts; see the module docstring."""
 
@@ -204,7 +196,7 @@ class TextSampler:
     s = config.sample
     mesh, rules = setup.mesh, setup.rules
     self.task, self.config, self.mesh, self.rules = task, config, mesh, rules
-    self._dp = _data_parallel(mesh, rules)
+    self._dp = sharding_lib.data_parallel_size(mesh, rules)
     self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
     self.schedule = generate.guidance_schedule(s)
     self.spacing = s.spacing or samplers.get_sampler(s.sampler).default_spacing
