@@ -5,7 +5,7 @@ whole mesh: labels and the starting noise are split over the data-parallel devic
 keep their training shardings. Sample ``i`` starts from noise drawn with
 ``fold_in(split(key(seed))[0], i)``, so with the deterministic samplers (ddim, euler, heun,
 dpmpp_2m) a sample is the same whatever batch or device count it is drawn with; fewer samples
-than a batch are drawn at their own batch (``call_batch_size``), not padded to a full one.
+than a batch are drawn at their own batch (``BatchedPrograms``), not padded to a full one.
 Outputs are decoded to uint8 images (pixel space: from [-1, 1]; latent space: through the
 configured VAE).
 
@@ -73,20 +73,42 @@ def to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def call_batch_size(n: int, batch_size: int, data_parallel: int) -> int:
-  """The batch of the jitted calls that draw ``n`` samples with a sampler of ``batch_size``
-  (a multiple of ``data_parallel``): ``batch_size``, or for fewer samples ``n`` rounded up to
-  the data-parallel devices, so a small grid does not pay for a full batch of padding (at the
-  cost of one more compiled program per such size)."""
-  if n >= batch_size:
-    return batch_size
-  return int(math.ceil(max(n, 1) / data_parallel) * data_parallel)
+class BatchedPrograms:
+  """A sampler's jitted calls, one per call batch, each built on first use by ``build(b)``. The
+  sampler's batch is ``batch_size`` rounded up to the data-parallel devices; ``n`` samples are
+  drawn at ``call_batch_size(n)``: that batch, or for fewer samples ``n`` rounded up to the
+  data-parallel devices, so a small grid does not pay for a full batch of padding (at the cost
+  of one more compiled program per such size). Used by ``Generator`` and the text-to-image
+  ``TextSampler``."""
+
+  def __init__(self, mesh, rules, batch_size: int, build):
+    self.data_parallel = sharding_lib.data_parallel_size(mesh, rules)
+    self.batch_size = int(math.ceil(batch_size / self.data_parallel) * self.data_parallel)
+    self._build = build
+    self._built = {}
+
+  def call_batch_size(self, n: int) -> int:
+    if n >= self.batch_size:
+      return self.batch_size
+    return int(math.ceil(max(n, 1) / self.data_parallel) * self.data_parallel)
+
+  def for_samples(self, n: int):
+    """``(b, program)``: the call batch of ``n`` samples and its program."""
+    b = self.call_batch_size(n)
+    if b not in self._built:
+      self._built[b] = self._build(b)
+    return b, self._built[b]
+
+  @property
+  def batch_sizes(self) -> tuple[int, ...]:
+    """The call batches whose programs were built."""
+    return tuple(sorted(self._built))
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleChunk:
   """One jitted batch of samples, where it was drawn. ``images`` [b, H, W, C] uint8 and
-  ``labels`` [b] int32 (``b``: ``call_batch_size``) are global arrays split over the
+  ``labels`` [b] int32 (``b``: ``BatchedPrograms.call_batch_size``) are global arrays split over the
   data-parallel devices; rows ``[0, count)`` are samples ``start .. start + count - 1`` of the
   requested set, the rest pad the last batch."""
   images: jax.Array
@@ -104,8 +126,8 @@ class Generator:
     self.config = cfg
     self.mesh = mesh
     self.rules = rules
-    self._dp = sharding_lib.data_parallel_size(mesh, rules)
-    self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
+    self._programs = BatchedPrograms(mesh, rules, batch_size, self._build_program)
+    self.batch_size = self._programs.batch_size
     self.schedule = guidance_schedule(cfg.sample)
     s = cfg.sample
     self.spacing = s.spacing or samplers.get_sampler(s.sampler).default_spacing
@@ -113,16 +135,13 @@ class Generator:
     self._decode, self._vae_params = task.decoder()
     if self._vae_params is not None:
       self._vae_params = replicate(self._vae_params, mesh)
-    self._programs = {}  # batch size -> (jitted draw, labels sharding).
 
   @property
   def compiled_batch_sizes(self) -> tuple[int, ...]:
-    return tuple(sorted(self._programs))
+    return self._programs.batch_sizes
 
-  def _program(self, b: int):
+  def _build_program(self, b: int):
     """``(draw, labels_sharding)``: the jitted sampling call at batch ``b``."""
-    if b in self._programs:
-      return self._programs[b]
     task, cfg, mesh, rules = self.task, self.config, self.mesh, self.rules
     s = cfg.sample
     shape = (b,) + task.sample_shape()
@@ -156,8 +175,7 @@ class Generator:
 
     jitted = jax.jit(draw, in_shardings=(self._param_shardings, replicated, labels_sharding,
                                          labels_sharding, None), out_shardings=batch)
-    self._programs[b] = (jitted, labels_sharding)
-    return self._programs[b]
+    return jitted, labels_sharding
 
   def tag(self, seed: int, ema: bool) -> str:
     """A file-name tag of the sampling protocol, e.g. ``heun30_constant3.0_seed1_ema``."""
@@ -195,8 +213,9 @@ class Generator:
     if labels.ndim != 1:
       raise ValueError(f"labels must be one class index per sample ([N]), got {labels.shape}")
     n = len(labels)
-    b = call_batch_size(n, self.batch_size, self._dp)
-    draw, labels_sharding = self._program(b) if n else (None, None)
+    if not n:
+      return
+    b, (draw, labels_sharding) = self._programs.for_samples(n)
     for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
       idx = np.arange(start, start + b, dtype=np.int32)
       lab = labels[start:start + b]

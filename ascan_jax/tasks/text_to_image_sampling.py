@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import ml_collections
@@ -196,8 +195,8 @@ class TextSampler:
     s = config.sample
     mesh, rules = setup.mesh, setup.rules
     self.task, self.config, self.mesh, self.rules = task, config, mesh, rules
-    self._dp = sharding_lib.data_parallel_size(mesh, rules)
-    self.batch_size = int(math.ceil(batch_size / self._dp) * self._dp)
+    self._programs = generate.BatchedPrograms(mesh, rules, batch_size, self._build_program)
+    self.batch_size = self._programs.batch_size
     self.schedule = generate.guidance_schedule(s)
     self.spacing = s.spacing or samplers.get_sampler(s.sampler).default_spacing
     if config.text.cached:
@@ -210,16 +209,13 @@ class TextSampler:
     self._replicated = replicated
     self._decode, vae_params = task.decoder()
     self._vae_params = None if vae_params is None else jax.device_put(vae_params, replicated)
-    self._programs = {}  # batch size -> (jitted draw, row shardings by rank).
 
   @property
   def compiled_batch_sizes(self) -> tuple[int, ...]:
-    return tuple(sorted(self._programs))
+    return self._programs.batch_sizes
 
-  def _program(self, b: int):
+  def _build_program(self, b: int):
     """``(draw, rows)``: the jitted sampling call at batch ``b`` and its batch shardings."""
-    if b in self._programs:
-      return self._programs[b]
     task, config, mesh, rules = self.task, self.config, self.mesh, self.rules
     s = config.sample
     shape = (b,) + task.sample_shape()
@@ -255,8 +251,7 @@ class TextSampler:
     jitted = jax.jit(draw, in_shardings=(
         self._param_shardings, self._encoder_shardings, replicated, rows[2], rows[2],
         replicated, replicated, rows[1], rows[1], None), out_shardings=rows[4])
-    self._programs[b] = (jitted, rows)
-    return self._programs[b]
+    return jitted, rows
 
   @staticmethod
   def _global(values: np.ndarray, rows: dict) -> jax.Array:
@@ -294,18 +289,19 @@ class TextSampler:
 
   def chunks(self, params, prompts, seeds, index=None, progress: bool = False):
     """``(images, count)`` per jitted batch, left on the devices that drew them: uint8
-    ``[b, H, W, C]`` (``b = generate.call_batch_size(N, ...)``) split over the data-parallel
-    devices, whose first ``count`` rows are the next samples (``prompts[j]`` with ``seeds[j]``
-    and noise index ``index[j]``, default ``j``); the rest repeat the last. Every process passes
-    the same arguments."""
+    ``[b, H, W, C]`` (``b``: ``generate.BatchedPrograms.call_batch_size``) split over the
+    data-parallel devices, whose first ``count`` rows are the next samples (``prompts[j]`` with
+    ``seeds[j]`` and noise index ``index[j]``, default ``j``); the rest repeat the last. Every
+    process passes the same arguments."""
     prompts = list(prompts)
     n = len(prompts)
     seeds = np.broadcast_to(np.asarray(seeds, np.int32), (n,))
     index = np.arange(n, dtype=np.int32) if index is None else np.asarray(index, np.int32)
     ids, mask = self.task.tokenize(prompts)
     null_ids, null_mask = self.task.tokenize([self.config.sample.negative_prompt])
-    b = generate.call_batch_size(n, self.batch_size, self._dp)
-    draw, shardings = self._program(b) if n else (None, None)
+    if not n:
+      return
+    b, (draw, shardings) = self._programs.for_samples(n)
     put = lambda values: self._global(values, shardings)
     for start in tqdm(range(0, n, b), desc="sampling", unit="batch", disable=not progress):
       rows = np.arange(start, start + b).clip(max=n - 1)  # the last batch repeats its last row.
